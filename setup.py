@@ -1,0 +1,37 @@
+"""cdft: Collaborative Distillation and Factor Transfer in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="cdft",
+    version="0.1.0",
+    description=(
+        "Collaborative Distillation (ultra-resolution universal style transfer) "
+        "and Factor Transfer in JAX/Flax."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["cdft", "cdft.*"]),
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "ml-collections",
+        "absl-py",
+        "numpy",
+        "pillow",
+        "psutil",
+    ],
+    extras_require={
+        "test": ["pytest", "nbformat", "nbclient", "ipykernel"],
+        "data": ["tensorflow-datasets", "array-record"],
+    },
+    entry_points={
+        "console_scripts": [
+            "cdft-stylize=cdft.stylize.cli:main",
+            "cdft-weights=cdft.weights.cli:main",
+        ],
+    },
+)

@@ -1,0 +1,39 @@
+"""Shared test set-up: 8 fake CPU devices and the locations of ../shared data."""
+import os
+import pathlib
+
+# Must happen before jax initialises its backends.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("CDFT_SHARED_DIR", REPO.parent / "shared"))
+
+
+def _dir_or_skip(path, what):
+  if not path.is_dir():
+    pytest.skip(f"{what} not found at {path} (set the environment variable to run this test)")
+  return path
+
+
+@pytest.fixture(scope="session")
+def weights_dir():
+  """The released weights (layout of the model zoo), from $CDFT_WEIGHTS_DIR."""
+  env = os.environ.get("CDFT_WEIGHTS_DIR")
+  if not env:
+    pytest.skip("CDFT_WEIGHTS_DIR is not set: real-weight tests need the model zoo files")
+  return _dir_or_skip(pathlib.Path(env), "CDFT_WEIGHTS_DIR")
+
+
+@pytest.fixture(scope="session")
+def golden_dir():
+  """Outputs of the official PyTorch code (../shared/golden)."""
+  return _dir_or_skip(SHARED / "golden", "golden data (CDFT_SHARED_DIR/golden)")
+
+
+@pytest.fixture(scope="session")
+def images_dir():
+  """Real photographs and artworks (../shared/images)."""
+  return _dir_or_skip(SHARED / "images", "test images (CDFT_SHARED_DIR/images)")
