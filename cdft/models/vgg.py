@@ -1,0 +1,144 @@
+"""The VGG-19 style encoders and mirrored decoders of WCT / Collaborative Distillation.
+
+One definition covers the normalized VGG-19 teacher (widths 64/128/256/512/512)
+and the 16x small students (16/32/64/128/128, 24 at conv1_1 of stage 1): a stage-k
+encoder is the VGG-19 prefix up to ``relu{k}_1``; its decoder mirrors it with
+nearest x2 upsampling. Module and parameter names follow the official PyTorch
+state dicts (``conv0``, ``conv11``, ..., ``conv11_aux``) so porting is a rename-free
+transpose. Layout NHWC; inputs are RGB in [0, 1] (``conv0`` maps them to Caffe BGR).
+"""
+from typing import Sequence
+
+import flax.linen as nn
+
+from cdft.models import layers
+
+# 3x3 convolutions per VGG-19 block.
+BLOCK_DEPTHS = (2, 2, 4, 4, 4)
+VGG19_WIDTHS = (64, 128, 256, 512, 512)
+CD16X_WIDTHS = (16, 32, 64, 128, 128)
+CD16X_STAGE1_WIDTH = 24
+
+WIDTH_PRESETS = {"vgg19": VGG19_WIDTHS, "16x": CD16X_WIDTHS}
+
+
+def stage_widths(preset, stage):
+  """Block widths of the stage-``stage`` network of a preset ('vgg19' or '16x').
+
+  The 16x stage-1 encoder/decoder alone uses 24 filters at conv1_1 (as released).
+  """
+  if preset not in WIDTH_PRESETS:
+    raise ValueError(f"unknown width preset {preset!r}; choose from {sorted(WIDTH_PRESETS)}")
+  widths = WIDTH_PRESETS[preset]
+  if preset == "16x" and stage == 1:
+    widths = (CD16X_STAGE1_WIDTH,) + widths[1:]
+  return tuple(widths)
+
+
+def _check_stage(stage):
+  if stage not in (1, 2, 3, 4, 5):
+    raise ValueError(f"stage must be 1..5, got {stage}")
+
+
+def encoder_layer_names(stage):
+  """Conv names of a stage-k encoder in forward order (without conv0)."""
+  names = []
+  for block in range(1, stage + 1):
+    depth = 1 if block == stage else BLOCK_DEPTHS[block - 1]
+    names += [f"conv{block}{i}" for i in range(1, depth + 1)]
+  return names
+
+
+def decoder_layer_names(stage):
+  """Conv names of a stage-k decoder in forward order (deepest first)."""
+  names = []
+  for block in range(stage, 0, -1):
+    depth = 1 if block == stage else BLOCK_DEPTHS[block - 1]
+    names += [f"conv{block}{i}" for i in range(depth, 0, -1)]
+  return names
+
+
+class Encoder(nn.Module):
+  """Stage-k encoder: ``conv0`` (1x1 RGB -> Caffe BGR) then VGG-19 up to relu{k}_1.
+
+  Attributes:
+    stage: 1..5, the last block (its relu{k}_1 is the output).
+    widths: the five block widths (only the first ``stage`` are used).
+    fold_conv0: fold the linear ``conv0`` into ``conv11`` (exact; faster).
+  """
+  stage: int
+  widths: Sequence[int] = VGG19_WIDTHS
+  fold_conv0: bool = True
+
+  @nn.compact
+  def __call__(self, x, return_all=False):
+    """Encodes RGB images in [0, 1].
+
+    Args:
+      x: (N, H, W, 3).
+      return_all: also return relu1_1 .. relu{k-1}_1.
+
+    Returns:
+      relu{k}_1, or the tuple (relu1_1, ..., relu{k}_1) if ``return_all``.
+    """
+    _check_stage(self.stage)
+    conv0 = layers.Conv1x1(3, 3, name="conv0")
+    affine = None
+    if self.fold_conv0:
+      affine = conv0.affine()
+    else:
+      x = conv0(x)
+    feats = []
+    for block in range(1, self.stage + 1):
+      if block > 1:
+        x = layers.max_pool2x2(x)
+      depth = 1 if block == self.stage else BLOCK_DEPTHS[block - 1]
+      for i in range(1, depth + 1):
+        x = layers.ReflectConv3x3(self.widths[block - 1], name=f"conv{block}{i}")(x, affine)
+        affine = None
+        if i == 1:
+          feats.append(x)
+    return tuple(feats) if return_all else x
+
+
+class Decoder(nn.Module):
+  """Stage-k decoder mirroring :class:`Encoder`, ReLU after every conv (incl. the last).
+
+  The final ReLU follows the official CD code; its output is not clamped.
+  """
+  stage: int
+  widths: Sequence[int] = VGG19_WIDTHS
+
+  @nn.compact
+  def __call__(self, x):
+    _check_stage(self.stage)
+    out_widths = (3,) + tuple(self.widths[:4])  # conv{b}1 maps block b to block b-1
+    for block in range(self.stage, 0, -1):
+      if block < self.stage:
+        x = layers.upsample_nearest2x(x)
+      depth = 1 if block == self.stage else BLOCK_DEPTHS[block - 1]
+      for i in range(depth, 0, -1):
+        features = out_widths[block - 1] if i == 1 else self.widths[block - 1]
+        x = layers.ReflectConv3x3(features, name=f"conv{block}{i}")(x)
+    return x
+
+
+class Embedding(nn.Module):
+  """The linear embedding heads Q_i (1x1 conv, bias, no activation) of a stage-k student.
+
+  Maps the student's relu{i}_1 (width ``widths[i]``) to the teacher's width, for
+  i = 1..k. Names follow the released files: ``conv11_aux``, ``conv21_aux``, ...
+  """
+  stage: int
+  widths: Sequence[int] = CD16X_WIDTHS
+  teacher_widths: Sequence[int] = VGG19_WIDTHS
+
+  @nn.compact
+  def __call__(self, feats):
+    """Embeds the tuple (relu1_1, ..., relu{k}_1) of the student; returns a tuple."""
+    _check_stage(self.stage)
+    if len(feats) != self.stage:
+      raise ValueError(f"expected {self.stage} features, got {len(feats)}")
+    return tuple(
+        layers.Conv1x1(self.teacher_widths[i], self.widths[i], name=f"conv{i + 1}1_aux")(f)
+        for i, f in enumerate(feats))

@@ -1,0 +1,185 @@
+"""Whitening and colouring transform (WCT) on feature maps, with float64-accurate statistics.
+
+The official code casts whole C x HW feature maps to float64 and runs ``torch.svd``
+on CPU. Here the maps stay float32; only the statistics are float64:
+
+* :func:`feature_stats` streams row blocks of the (N, C) features, casting each
+  block to float64, and accumulates the mean and the *centred* second moment
+  (two passes), so the covariance is accurate to float64 level without a float64
+  copy of the map.
+* :func:`wct_matrix` turns content and style statistics into one C x C matrix M
+  and offset b with ``wct(f) = f @ M.T + b`` -- the whitening, the colouring, the
+  style mean and the alpha blend folded together, so applying WCT is a single
+  1x1 convolution in float32 (and the same matrix serves every tile of a large
+  image).
+
+Rank deficiency: many encoder channels are always zero (dead ReLUs: 77 of 128 at
+relu4_1 of the released 16x SE4), and a map with fewer positions than channels
+(small style images) has a rank-deficient covariance. Channels of zero variance
+are removed exactly (masked), and eigenvalues at or below
+``rtol * max eigenvalue`` (``rtol = C * eps`` of the statistics dtype by default)
+are treated as null directions: neither whitened nor coloured. The official code
+keeps every eigenvalue above 1e-100, which equals this on full-rank live channels.
+
+Everything here is jit-able; float64 needs ``jax.enable_x64`` around the call
+(see :func:`x64_scope`).
+"""
+import contextlib
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Rows of the (N, C) feature matrix per float64 block in feature_stats.
+STATS_BLOCK_ROWS = 1 << 15
+
+
+class Stats(NamedTuple):
+  """First and second moments of a (N, C) feature matrix (dtype of the statistics)."""
+  mean: jax.Array  # (C,)
+  cov: jax.Array  # (C, C), centred, divided by N - 1
+  count: jax.Array  # () number of positions N
+
+
+def stats_dtype_for_backend(backend=None):
+  """float64 where the backend has it natively (CPU, GPU); float32 on TPU."""
+  backend = backend or jax.default_backend()
+  return jnp.float32 if backend == "tpu" else jnp.float64
+
+
+@contextlib.contextmanager
+def x64_scope(dtype):
+  """Enables 64-bit types for the enclosed jax calls when ``dtype`` is float64."""
+  if np.dtype(dtype) == np.float64:
+    with jax.enable_x64(True):
+      yield
+  else:
+    yield
+
+
+def moment_sums(f, mean=None, dtype=jnp.float64, block_rows=STATS_BLOCK_ROWS):
+  """Sums of ``f - mean`` and of its outer products over rows, accumulated in ``dtype``.
+
+  Row blocks are sliced from ``f`` in place (no padded or float64 copy of the
+  whole map); the last block is shifted back to end at row N and its rows that
+  an earlier block already counted are masked out.
+
+  Args:
+    f: (N, C) features (any float dtype).
+    mean: (C,) centre, in ``dtype``; zero if None.
+    dtype: accumulation dtype.
+    block_rows: rows cast to ``dtype`` at a time (bounds the extra memory).
+
+  Returns:
+    (s1 (C,), s2 (C, C)) in ``dtype``.
+  """
+  n, c = f.shape
+  rows = min(block_rows, n)
+  num_blocks = -(-n // rows)
+  centre = jnp.zeros((c,), dtype) if mean is None else mean.astype(dtype)
+
+  def body(i, carry):
+    s1, s2 = carry
+    start = jnp.minimum(i * rows, n - rows)
+    block = jax.lax.dynamic_slice_in_dim(f, start, rows, axis=0)
+    fresh = (start + jnp.arange(rows)) >= i * rows
+    g = jnp.where(fresh[:, None], block.astype(dtype) - centre, 0)
+    s1 = s1 + g.sum(axis=0)
+    s2 = s2 + jnp.einsum("ni,nj->ij", g, g, precision=jax.lax.Precision.HIGHEST)
+    return s1, s2
+
+  init = (jnp.zeros((c,), dtype), jnp.zeros((c, c), dtype))
+  return jax.lax.fori_loop(0, num_blocks, body, init)
+
+
+def feature_stats(f, dtype=jnp.float64, block_rows=STATS_BLOCK_ROWS):
+  """Mean and covariance (divided by N - 1, as the official code) of (N, C) features.
+
+  Two passes: the mean, then the centred second moment (plus the first-order
+  correction of the float64 centre), both accumulated blockwise in ``dtype``.
+  """
+  n = f.shape[0]
+  if n < 2:
+    raise ValueError(f"WCT needs at least 2 feature positions, got {n}")
+  s1, _ = moment_sums(f, None, dtype, block_rows)
+  mean = s1 / n
+  d1, d2 = moment_sums(f, mean, dtype, block_rows)
+  # d1 is ~0 up to rounding; removing its outer product makes the result exact
+  # for any centre (Welford-style correction).
+  cov = (d2 - jnp.outer(d1, d1) / n) / (n - 1)
+  mean = mean + d1 / n
+  return Stats(mean, cov, jnp.asarray(n, dtype))
+
+
+def _masked_power(cov, power, rtol):
+  """``cov ** power`` on the live subspace; zero on dead channels and null directions."""
+  c = cov.shape[0]
+  live = jnp.diagonal(cov) > 0
+  mask2 = live[:, None] & live[None, :]
+  cov = jnp.where(mask2, cov, 0)
+  cov = 0.5 * (cov + cov.T)
+  evals, evecs = jnp.linalg.eigh(cov)
+  top = jnp.max(evals)
+  if rtol is None:
+    rtol = c * jnp.finfo(cov.dtype).eps
+  keep = evals > rtol * top
+  scale = jnp.where(keep, jnp.where(keep, evals, 1) ** power, 0)
+  out = (evecs * scale[None, :]) @ evecs.T
+  return jnp.where(mask2, out, 0), jnp.sum(keep)
+
+
+def wct_matrix(content, style, alpha=1.0, rtol=None):
+  """The affine map of WCT with alpha blending: ``out = f @ M.T + b``.
+
+  ``M = alpha * C_s^{1/2} C_c^{-1/2} + (1 - alpha) I`` and
+  ``b = alpha * (mu_s - C_s^{1/2} C_c^{-1/2} mu_c)``, the powers taken on the
+  live, non-null eigen-subspaces (see module docstring).
+
+  Args:
+    content: :class:`Stats` of the content features.
+    style: :class:`Stats` of the style features, or a sequence of
+      ``(weight, Stats)`` pairs to blend several styles (the targets are mixed
+      linearly with weights summing to 1).
+    alpha: content/style blend, 1 = full style (as the official ``--alpha``).
+    rtol: relative eigenvalue cut-off; default ``C * eps`` of the stats dtype.
+
+  Returns:
+    (M (C, C), b (C,)) in the statistics dtype.
+  """
+  dtype = content.cov.dtype
+  whiten, _ = _masked_power(content.cov, -0.5, rtol)
+  styles = [(1.0, style)] if isinstance(style, Stats) else list(style)
+  total = sum(w for w, _ in styles)
+  target = jnp.zeros_like(whiten)
+  offset = jnp.zeros_like(content.mean)
+  for weight, s in styles:
+    colour, _ = _masked_power(s.cov, 0.5, rtol)
+    t = colour @ whiten
+    target = target + (weight / total) * t
+    offset = offset + (weight / total) * (s.mean - t @ content.mean)
+  c = whiten.shape[0]
+  m = alpha * target + (1.0 - alpha) * jnp.eye(c, dtype=dtype)
+  return m, alpha * offset
+
+
+def apply_matrix(f, m, b):
+  """Applies ``f @ M.T + b`` to NHWC features in their own dtype."""
+  m = m.astype(f.dtype)
+  b = b.astype(f.dtype)
+  return jnp.einsum("...i,oi->...o", f, m, precision=jax.lax.Precision.HIGHEST) + b
+
+
+def flatten(f):
+  """(N, H, W, C) or (H, W, C) features -> (positions, C)."""
+  return f.reshape(-1, f.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def wct(content_feat, style_feat, alpha=1.0, dtype=jnp.float64):
+  """One-shot WCT of NHWC content features with NHWC style features (a convenience)."""
+  cs = feature_stats(flatten(content_feat), dtype)
+  ss = feature_stats(flatten(style_feat), dtype)
+  m, b = wct_matrix(cs, ss, alpha)
+  return apply_matrix(content_feat, m, b)

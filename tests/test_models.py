@@ -1,0 +1,117 @@
+"""Architecture tests: parameter counts (spec tables), shapes, layer equivalences."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdft import models
+from cdft.models import layers, vgg
+
+
+def _count(tree):
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def _abstract(module, x):
+  return jax.eval_shape(module.init, jax.random.key(0), x)
+
+
+# Spec cd.md 2.1 / 2.3 / 2.5: (encoder, decoder, embedding) per stage.
+VGG19_COUNTS = [(1804, 1731), (112588, 112451), (555340, 555075), (3505740, 3505219),
+                (12944972, 12944451)]
+CD16X_COUNTS = [(684, 651, 1600), (7420, 7379, 5312), (35164, 35091, 21952),
+                (219804, 219667, 88000), (810140, 810003, 154048)]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4, 5])
+def test_parameter_counts(stage):
+  x = jnp.zeros((1, 32, 32, 3))
+  enc = models.get_model("encoder", stage, "vgg19")
+  pe = _abstract(enc, x)
+  feat = jax.eval_shape(enc.apply, pe, x)
+  pd = _abstract(models.get_model("decoder", stage, "vgg19"), feat)
+  assert (_count(pe), _count(pd)) == VGG19_COUNTS[stage - 1]
+
+  se = models.get_model("encoder", stage, "16x")
+  ps = _abstract(se, x)
+  feats = jax.eval_shape(lambda p, x: se.apply(p, x, return_all=True), ps, x)
+  psd = _abstract(models.get_model("decoder", stage, "16x"), feats[-1])
+  pq = _abstract(models.get_model("embedding", stage, "16x"), feats)
+  assert (_count(ps), _count(psd), _count(pq)) == CD16X_COUNTS[stage - 1]
+  assert feats[-1].shape[-1] == vgg.stage_widths("16x", stage)[stage - 1]
+
+
+def test_totals_match_the_paper():
+  x = jnp.zeros((1, 32, 32, 3))
+  total_vgg = sum(_count(_abstract(models.get_model("encoder", k, "vgg19"), x)) for k in range(1, 6))
+  total_16x = sum(_count(_abstract(models.get_model("encoder", k, "16x"), x)) for k in range(1, 6))
+  assert total_vgg == 17_120_444
+  assert total_16x == 1_073_212
+
+
+def test_layer_names_mirror_official_order():
+  assert vgg.encoder_layer_names(5) == [
+      "conv11", "conv12", "conv21", "conv22", "conv31", "conv32", "conv33", "conv34",
+      "conv41", "conv42", "conv43", "conv44", "conv51"]
+  assert vgg.decoder_layer_names(3) == ["conv31", "conv22", "conv21", "conv12", "conv11"]
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 13, 5), (1, 2, 7, 4), (1, 1, 1, 3), (1, 3, 3, 2)])
+def test_reflect_conv_matches_naive_reflection_pad(shape):
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(k1, shape)
+  w = jax.random.normal(k2, (3, 3, shape[-1], 6))
+  b = jax.random.normal(k3, (6,))
+  got = layers.reflect_conv3x3(x, w, b)
+  if min(shape[1:3]) >= 2:  # where numpy's 'reflect' is defined, compare with it too
+    xp = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    ref = jax.lax.conv_general_dilated(xp, w, (1, 1), "VALID",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+  else:
+    ref = layers.reflect_conv3x3_naive(x, w, b)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv0_folding_is_exact():
+  x = jax.random.uniform(jax.random.key(1), (1, 20, 18, 3))
+  folded = models.get_model("encoder", 2, "16x")
+  plain = models.get_model("encoder", 2, "16x", fold_conv0=False)
+  params = folded.init(jax.random.key(2), x)
+  # A conv0 like the real one: RGB -> BGR x 255 minus the Caffe mean.
+  params["params"]["conv0"]["kernel"] = jnp.array(
+      [[0, 0, 255], [0, 255, 0], [255, 0, 0]], jnp.float32).T[None, None]
+  params["params"]["conv0"]["bias"] = jnp.array([-103.939, -116.779, -123.68])
+  a = folded.apply(params, x, return_all=True)
+  b = plain.apply(params, x, return_all=True)
+  for fa, fb in zip(a, b):
+    np.testing.assert_allclose(fa, fb, rtol=1e-4, atol=1e-3 * float(jnp.abs(fb).max()) + 1e-5)
+
+
+def test_pool_floor_and_upsample():
+  x = jnp.arange(1 * 5 * 7 * 1, dtype=jnp.float32).reshape(1, 5, 7, 1)
+  p = layers.max_pool2x2(x)
+  assert p.shape == (1, 2, 3, 1)
+  assert float(p[0, 1, 2, 0]) == float(x[0, 3, 5, 0])
+  u = layers.upsample_nearest2x(p)
+  assert u.shape == (1, 4, 6, 1)
+  np.testing.assert_array_equal(u[0, ::2, ::2], p[0])
+  np.testing.assert_array_equal(u[0, 1::2, 1::2], p[0])
+
+
+def test_decoder_ends_in_relu_and_restores_size():
+  x = jnp.zeros((1, 48, 40, 3))
+  enc = models.get_model("encoder", 4, "16x")
+  f = jax.eval_shape(enc.apply, _abstract(enc, x), x)
+  assert f.shape == (1, 6, 5, 128)
+  dec = models.get_model("decoder", 4, "16x")
+  feat = -jnp.ones(f.shape)
+  y = dec.apply(dec.init(jax.random.key(0), feat), feat)
+  assert y.shape == (1, 48, 40, 3)
+  assert float(y.min()) >= 0.0
+
+
+def test_unknown_names_are_rejected():
+  with pytest.raises(ValueError, match="unknown model"):
+    models.get_model("transformer", 1)
+  with pytest.raises(ValueError, match="preset"):
+    models.get_model("encoder", 1, "8x")
