@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 _DN = ("NHWC", "HWIO", "NHWC")
+# Input channels are zero-padded up to this many (see reflect_conv3x3).
+_MIN_CIN = 8
 
 
 def _conv_valid(x, kernel):
@@ -43,7 +45,12 @@ def reflect_conv3x3(x, kernel, bias):
   Returns:
     (N, H, W, Cout), equal to ``conv_valid(reflect_pad(x, 1)) + bias``.
   """
-  h, w = x.shape[1:3]
+  h, w, cin = x.shape[1:]
+  if cin < _MIN_CIN:
+    # XLA's CPU convolution is several times slower with 3 input channels than
+    # with 8 (3->24 at 2048^2: 1.5 s vs 0.3 s): zero channels are cheaper.
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, _MIN_CIN - cin)))
+    kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, _MIN_CIN - cin), (0, 0)))
   if h < 3 or w < 3:
     return reflect_conv3x3_naive(x, kernel, bias)
   y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DN)
@@ -52,8 +59,8 @@ def reflect_conv3x3(x, kernel, bias):
   # Each strip holds the 3 padded rows (or columns) that feed one border line.
   top = _conv_valid(x[:, [1, 0, 1]][:, :, cols], kernel)
   bottom = _conv_valid(x[:, [h - 2, h - 1, h - 2]][:, :, cols], kernel)
-  left = _conv_valid(x[:, rows][:, :, [1, 0, 1]], kernel)
-  right = _conv_valid(x[:, rows][:, :, [w - 2, w - 1, w - 2]], kernel)
+  left = _conv_valid(x[:, :, [1, 0, 1]][:, rows], kernel)
+  right = _conv_valid(x[:, :, [w - 2, w - 1, w - 2]][:, rows], kernel)
   y = y.at[:, 0:1].set(top).at[:, h - 1:h].set(bottom)
   y = y.at[:, :, 0:1].set(left).at[:, :, w - 1:w].set(right)
   return y + bias

@@ -1,0 +1,173 @@
+"""Loading pretrained models: the released CD 16x students, their pruned initialisations
+and the original WCT VGG-19 (Torch7) models, as Flax parameter trees.
+
+Converted trees are cached as Flax msgpack files next to the zoo cache, keyed by
+the source file's SHA-256, so a second load does not parse the PyTorch pickle again.
+"""
+import hashlib
+import os
+import pathlib
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+
+from cdft import models
+from cdft.errors import WeightError
+from cdft.models import vgg
+from cdft.stylize.cascade import LevelModel
+from cdft.weights import convert, torch_format, zoo
+
+# Bump when the conversion changes, so stale converted caches are not reused.
+CONVERSION_VERSION = 1
+# Spatial size of the dummy input used to derive parameter shapes.
+_PROBE = jnp.zeros((1, 32, 32, 3), jnp.float32)
+
+
+def _sha256(path):
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _cached(source, tag, build, cache_dir=None):
+  """Returns ``build()``'s tree, cached under the converted-weights dir by the source hash."""
+  if os.environ.get("CDFT_NO_CONVERTED_CACHE"):
+    return build()
+  digest = _sha256(source)[:20]
+  path = zoo.converted_cache_dir(cache_dir) / f"{tag}-v{CONVERSION_VERSION}-{digest}.msgpack"
+  if path.exists():
+    try:
+      return flax.serialization.msgpack_restore(path.read_bytes())
+    except Exception:  # a damaged cache entry is rebuilt, never trusted
+      path.unlink(missing_ok=True)
+  tree = build()
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(flax.serialization.msgpack_serialize(tree))
+    os.replace(tmp, path)
+  except OSError:
+    pass  # read-only cache: conversion still works, just not cached
+  return tree
+
+
+def _student_abstract(stage):
+  enc = models.get_model("encoder", stage, "16x")
+  enc_abs = convert.abstract_params(enc, _PROBE)
+  feats = jax.eval_shape(
+      lambda p, x: enc.apply({"params": p}, x, return_all=True), enc_abs, _PROBE)
+  emb_abs = convert.abstract_params(models.get_model("embedding", stage, "16x"), feats)
+  dec = models.get_model("decoder", stage, "16x")
+  dec_abs = convert.abstract_params(dec, feats[-1])
+  return enc_abs, emb_abs, dec_abs
+
+
+def convert_student_files(stage, encoder_file, decoder_file):
+  """Reads a (SE, SD) pair of CD-format ``.pth`` files into Flax trees.
+
+  Returns:
+    dict with ``encoder``, ``embedding`` and ``decoder`` param trees (numpy).
+  """
+  enc_abs, emb_abs, dec_abs = _student_abstract(stage)
+  out = {}
+  if encoder_file is not None:
+    state = torch_format.state_dict(torch_format.load(encoder_file), encoder_file)
+    out["encoder"] = convert.from_torch_state(state, enc_abs, encoder_file)
+    out["embedding"] = convert.from_torch_state(state, emb_abs, encoder_file)
+    convert.check_consumed(state, [out["encoder"], out["embedding"]], encoder_file)
+  if decoder_file is not None:
+    state = torch_format.state_dict(torch_format.load(decoder_file), decoder_file)
+    out["decoder"] = convert.from_torch_state(state, dec_abs, decoder_file)
+    convert.check_consumed(state, [out["decoder"]], decoder_file)
+  return out
+
+
+def load_cd16x(stage, weights_dir=None, cache_dir=None):
+  """The released 16x student of level ``stage``: encoder, embedding heads, decoder."""
+  se = zoo.fetch("cd16x", f"{stage}SE.pth", weights_dir=weights_dir, cache_dir=cache_dir)
+  sd = zoo.fetch("cd16x", f"{stage}SD.pth", weights_dir=weights_dir, cache_dir=cache_dir)
+  trees = _cached(se, f"cd16x-{stage}SE", lambda: convert_student_files(stage, se, None),
+                  cache_dir)
+  trees.update(_cached(sd, f"cd16x-{stage}SD", lambda: convert_student_files(stage, None, sd),
+                       cache_dir))
+  return trees
+
+
+def load_cd16x_base(stage, weights_dir=None, cache_dir=None):
+  """The L1-pruned initialisation of the level-``stage`` student (before distillation)."""
+  e = zoo.fetch("cd16x_base", f"e{stage}_base.pth", weights_dir=weights_dir, cache_dir=cache_dir)
+  d = zoo.fetch("cd16x_base", f"d{stage}_base.pth", weights_dir=weights_dir, cache_dir=cache_dir)
+  return convert_student_files(stage, e, d)
+
+
+def load_vgg19_t7(stage, encoder_file, decoder_file=None):
+  """The original WCT models: ``vgg_normalised_conv{k}_1.t7`` (+ ``feature_invertor_conv{k}_1.t7``).
+
+  Returns:
+    dict with ``encoder`` (and ``decoder``) param trees (numpy).
+  """
+  from cdft.weights import t7  # only this model family needs the Torch7 reader
+
+  enc = models.get_model("encoder", stage, "vgg19")
+  enc_abs = convert.abstract_params(enc, _PROBE)
+  out = {"encoder": convert.from_sequential_convs(
+      t7.sequential_convs(encoder_file), enc_abs,
+      ["conv0"] + vgg.encoder_layer_names(stage), str(encoder_file))}
+  if decoder_file is not None:
+    feat = jax.eval_shape(lambda p, x: enc.apply({"params": p}, x), enc_abs, _PROBE)
+    dec_abs = convert.abstract_params(models.get_model("decoder", stage, "vgg19"), feat)
+    out["decoder"] = convert.from_sequential_convs(
+        t7.sequential_convs(decoder_file), dec_abs, vgg.decoder_layer_names(stage),
+        str(decoder_file))
+  return out
+
+
+def _level_model(preset, stage, trees):
+  return LevelModel(
+      encoder=models.get_model("encoder", stage, preset),
+      decoder=models.get_model("decoder", stage, preset),
+      encoder_params=convert.to_device(trees["encoder"]),
+      decoder_params=convert.to_device(trees["decoder"]))
+
+
+def vgg19_files(stage, weights_dir):
+  """Where the original WCT ``.t7`` files of ``stage`` are looked for under ``weights_dir``."""
+  root = pathlib.Path(weights_dir)
+  names = (f"vgg_normalised_conv{stage}_1.t7", f"feature_invertor_conv{stage}_1.t7")
+  for folder in (root, root / "original_wct_models", root / "vgg19"):
+    if all((folder / n).is_file() for n in names):
+      return tuple(folder / n for n in names)
+  raise WeightError(
+      f"{root}: no {names[0]} / {names[1]} (looked in ., original_wct_models/, vgg19/): "
+      "the full VGG-19 model needs the original WCT Torch7 files")
+
+
+MODELS = ("cd16x", "vgg19")
+
+
+def load_levels(model="cd16x", levels=(1, 2, 3, 4, 5), weights_dir=None, cache_dir=None):
+  """``{level: LevelModel}`` for the stylizer.
+
+  Args:
+    model: ``'cd16x'`` (the released 16x students, from the zoo) or ``'vgg19'``
+      (the original WCT normalized VGG-19 and decoders, from ``weights_dir``).
+    levels: which levels to load.
+    weights_dir: local weights folder (default: ``$CDFT_WEIGHTS_DIR`` or the zoo cache).
+    cache_dir: zoo cache folder.
+  """
+  out = {}
+  for k in sorted(set(levels)):
+    if model == "cd16x":
+      out[k] = _level_model("16x", k, load_cd16x(k, weights_dir, cache_dir))
+    elif model == "vgg19":
+      root = weights_dir or os.environ.get("CDFT_WEIGHTS_DIR")
+      if not root:
+        raise WeightError("the vgg19 model needs --weights-dir (or CDFT_WEIGHTS_DIR) with the "
+                          "original WCT .t7 files")
+      out[k] = _level_model("vgg19", k, load_vgg19_t7(k, *vgg19_files(k, root)))
+    else:
+      raise WeightError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+  return out
