@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cdft import models
 from cdft.stylize import cascade
 from cdft.weights import pretrained
 
@@ -37,9 +38,8 @@ def _psnr(a, b):
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
-def test_small_encoder_embedding_and_decoder(k, weights_dir, golden_dir, inputs):
-  trees = pretrained.load_cd16x(k, weights_dir, cache_dir=None)
-  from cdft import models
+def test_small_encoder_embedding_and_decoder(k, weights_dir, golden_dir, inputs, tmp_path):
+  trees = pretrained.load_cd16x(k, weights_dir, cache_dir=tmp_path)
   content, style = inputs
   enc = models.get_model("encoder", k, "16x")
   feats = enc.apply(trees["encoder"], content, return_all=True)
@@ -78,8 +78,8 @@ def test_cascade(alpha, name, stylizer, golden_dir, inputs):
 
 def test_cascade_intermediate_images(stylizer, golden_dir, inputs):
   content, style = inputs
-  img = content[None]
+  img = content  # the golden arrays are already batched, (1, H, W, 3)
   for k in (5, 4, 3, 2):
-    img = stylizer.level(k, img, [style[None]])
+    img = stylizer.level(k, img, [style])
     ref = np.load(golden_dir / f"wct16x_cascade_a1_after_stage{k}.npy")
     assert np.abs(np.asarray(img) - ref).max() <= 2e-3, k

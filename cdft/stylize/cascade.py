@@ -11,6 +11,7 @@ shrink a side that is not a multiple of 2^(k-1) at level k (3000 -> 2992 at
 level 5); nothing is resized back.
 """
 import dataclasses
+import functools
 import time
 from typing import Callable, Optional, Sequence
 
@@ -33,8 +34,13 @@ class LevelModel:
   decoder_params: dict
 
 
+@functools.lru_cache(maxsize=None)
 def _level_program(encoder, decoder, stats_dtype):
-  """The jitted function of one level: image, styles -> stylized image."""
+  """The jitted function of one level: image, styles -> stylized image.
+
+  Cached per (modules, dtype), so every Stylizer with the same architecture
+  shares its compiled programs.
+  """
 
   def stats(params, img):
     return wct.feature_stats(wct.flatten(encoder.apply(params, img)), stats_dtype)
@@ -60,7 +66,7 @@ class Stylizer:
 
   def __init__(self, levels, stats_dtype=None):
     self.levels = dict(levels)
-    self.stats_dtype = stats_dtype or wct.stats_dtype_for_backend()
+    self.stats_dtype = np.dtype(stats_dtype or wct.stats_dtype_for_backend())
     self._programs = {
         k: _level_program(m.encoder, m.decoder, self.stats_dtype) for k, m in self.levels.items()
     }
@@ -81,6 +87,9 @@ class Stylizer:
     if k not in self.levels:
       raise ValueError(f"level {k} is not loaded (have {sorted(self.levels)})")
     styles = tuple(jnp.asarray(s, jnp.float32) for s in styles)
+    for x in (content,) + styles:
+      if x.ndim != 4 or x.shape[0] != 1 or x.shape[-1] != 3:
+        raise ValueError(f"images must be (1, H, W, 3), got {tuple(x.shape)}")
     if style_weights is None:
       style_weights = [1.0] * len(styles)
     if len(style_weights) != len(styles):

@@ -4,7 +4,6 @@ and the original WCT VGG-19 (Torch7) models, as Flax parameter trees.
 Converted trees are cached as Flax msgpack files next to the zoo cache, keyed by
 the source file's SHA-256, so a second load does not parse the PyTorch pickle again.
 """
-import hashlib
 import os
 import pathlib
 
@@ -24,19 +23,11 @@ CONVERSION_VERSION = 1
 _PROBE = jnp.zeros((1, 32, 32, 3), jnp.float32)
 
 
-def _sha256(path):
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def _cached(source, tag, build, cache_dir=None):
   """Returns ``build()``'s tree, cached under the converted-weights dir by the source hash."""
   if os.environ.get("CDFT_NO_CONVERTED_CACHE"):
     return build()
-  digest = _sha256(source)[:20]
+  digest = zoo.file_sha256(source)[:20]
   path = zoo.converted_cache_dir(cache_dir) / f"{tag}-v{CONVERSION_VERSION}-{digest}.msgpack"
   if path.exists():
     try:

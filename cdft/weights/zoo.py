@@ -275,6 +275,18 @@ def _file_sha256(path):
   return digest.hexdigest()
 
 
+def file_sha256(path):
+  """Hex sha256 of a file, remembered per (path, size, times, inode) in this process."""
+  key = _stat_key(path)
+  with _HASHES_LOCK:
+    digest = _HASHES.get(key)
+  if digest is None:
+    digest = _file_sha256(path)
+    with _HASHES_LOCK:
+      _HASHES[key] = digest
+  return digest
+
+
 def _mismatch(where, got, entry, zoo_file, hint=""):
   return WeightError(
       f"{where}: sha256 {got} does not match the zoo entry "
@@ -291,12 +303,7 @@ def _verify(path, entry, zoo_file, hint=""):
       raise WeightError(
           f"{path}: {size} bytes, but the zoo entry {entry}/{zoo_file.name} "
           f"has {zoo_file.size} bytes: wrong or truncated file{hint}")
-    with _HASHES_LOCK:
-      digest = _HASHES.get(key)
-    if digest is None:
-      digest = _file_sha256(path)
-      with _HASHES_LOCK:
-        _HASHES[key] = digest
+    digest = file_sha256(path)
   except OSError as e:
     raise WeightError(f"{path}: cannot read ({e.strerror or e})") from e
   if digest != zoo_file.sha256:

@@ -1,0 +1,128 @@
+"""End-to-end tests of ``cdft-stylize`` with the released weights on real images."""
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cdft.stylize import cli
+
+CONTENT = "content/adain_avril.jpg"
+STYLE = "style/adain_la_muse.jpg"
+STYLE2 = "style/adain_mondrian.jpg"
+
+
+@pytest.fixture(autouse=True)
+def _no_user_cache(monkeypatch, tmp_path):
+  monkeypatch.setenv("CDFT_NO_COMPILE_CACHE", "1")
+  monkeypatch.setenv("CDFT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _run(capsys, *argv):
+  code = cli.main([str(a) for a in argv])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_one_pair_full_cascade(capsys, tmp_path, images_dir, weights_dir):
+  out_file = tmp_path / "out.png"
+  code, out, err = _run(capsys, "--content", images_dir / CONTENT, "--style", images_dir / STYLE,
+                        "--output", out_file, "--content-size", 64, "--style-size", 64,
+                        "--weights-dir", weights_dir)
+  assert code == 0, err
+  for k in (5, 4, 3, 2, 1):
+    assert f"level {k}:" in out
+  assert "wrote" in out and "[1/1]" in out
+  img = np.asarray(Image.open(out_file))
+  # 819x512 resized to a 64 px shorter side is 102x64; level 5 keeps multiples of 16.
+  assert img.shape == (64, 96, 3)
+  assert img.std() > 10  # an image, not a flat field
+
+
+def test_folders_make_every_pair(capsys, tmp_path, images_dir, weights_dir):
+  contents, styles = tmp_path / "c", tmp_path / "s"
+  contents.mkdir()
+  styles.mkdir()
+  photo = Image.open(images_dir / CONTENT)
+  photo.convert("L").save(contents / "gray.png")  # grayscale input
+  rgba = photo.convert("RGBA")
+  rgba.putalpha(128)
+  rgba.save(contents / "alpha.png")  # RGBA input
+  shutil.copy(images_dir / STYLE, styles / "muse.jpg")
+  code, out, err = _run(capsys, "--content", contents, "--style", styles, "--output",
+                        tmp_path / "results", "--content-size", 64, "--style-size", 64,
+                        "--levels", "2,1", "--weights-dir", weights_dir)
+  assert code == 0, err
+  written = sorted(p.name for p in (tmp_path / "results").iterdir())
+  assert written == ["alpha_stylized_muse.jpg", "gray_stylized_muse.jpg"]
+  assert "[2/2]" in out and "level 5" not in out
+
+
+def test_style_blend_and_preserve_color(capsys, tmp_path, images_dir, weights_dir):
+  out_file = tmp_path / "blend.png"
+  code, _, err = _run(capsys, "--content", images_dir / CONTENT, "--style", images_dir / STYLE,
+                      images_dir / STYLE2, "--style-weights", "0.7,0.3", "--preserve-color",
+                      "--output", out_file, "--content-size", 64, "--style-size", 64,
+                      "--levels", "2,1", "--weights-dir", weights_dir)
+  assert code == 0, err
+  result = np.asarray(Image.open(out_file), np.float32) / 255
+  from cdft.io import images
+  content = images.load_image(images_dir / CONTENT, 64)[:result.shape[0], :result.shape[1]]
+  # Preserved colour: the chroma (Cb, Cr) of the result is the content's.
+  to_cbcr = np.array([[-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+  inside = (result > 0.02).all(-1) & (result < 0.98).all(-1)  # unclipped pixels
+  diff = np.abs(result @ to_cbcr.T - content @ to_cbcr.T)[inside]
+  assert np.median(diff) < 0.01
+
+
+def _tiny(path):
+  Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(path)
+  return path
+
+
+def _corrupt(path):
+  path.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+  return path
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("missing", "no such file"),
+    ("corrupt", "corrupt.jpg"),
+    ("tiny", "too small"),
+    ("weights_count", "--style-weights"),
+    ("bad_weights", "1SE.pth"),
+])
+def test_bad_input_is_one_line_and_nonzero(case, expect, capsys, tmp_path, images_dir,
+                                           weights_dir):
+  content, style = images_dir / CONTENT, images_dir / STYLE
+  extra = ["--content-size", 32]
+  wdir = weights_dir
+  if case == "missing":
+    content = tmp_path / "nope.jpg"
+  elif case == "corrupt":
+    content = _corrupt(tmp_path / "corrupt.jpg")
+  elif case == "tiny":
+    content = _tiny(tmp_path / "tiny.png")
+    extra = []  # at its own size: 10x12 px
+  elif case == "weights_count":
+    extra += ["--style-weights", "0.5,0.5"]
+  elif case == "bad_weights":
+    wdir = tmp_path / "weights"
+    (wdir / "cd_wct16x").mkdir(parents=True)
+    data = (weights_dir / "cd_wct16x/1SE.pth").read_bytes()
+    (wdir / "cd_wct16x/1SE.pth").write_bytes(data[:-100])
+    shutil.copy(weights_dir / "cd_wct16x/1SD.pth", wdir / "cd_wct16x/1SD.pth")
+  code, _, err = _run(capsys, "--content", content, "--style", style, "--output",
+                      tmp_path / "o.jpg", "--levels", "1", "--weights-dir", wdir, *extra)
+  assert code == 2
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("cdft-stylize: error:"), err
+  assert expect in lines[0]
+  assert not (tmp_path / "o.jpg").exists()
+
+
+def test_bad_flag_values_are_rejected(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--content", "a.jpg", "--style", "b.jpg", "--output", "o.jpg", "--alpha", "2"])
+  assert e.value.code == 2
+  assert "--alpha must be in [0, 1]" in capsys.readouterr().err
