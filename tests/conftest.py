@@ -24,7 +24,7 @@ def weights_dir():
   env = os.environ.get("CDFT_WEIGHTS_DIR")
   if not env:
     pytest.skip("CDFT_WEIGHTS_DIR is not set: real-weight tests need the model zoo files")
-  return _dir_or_skip(pathlib.Path(env), "CDFT_WEIGHTS_DIR")
+  return _dir_or_skip(pathlib.Path(env).resolve(), "CDFT_WEIGHTS_DIR")
 
 
 @pytest.fixture(scope="session")
