@@ -42,26 +42,28 @@ def from_torch_state(state, abstract, source="", prefix=""):
   Raises:
     WeightError: on the first missing, misshapen or non-finite tensor.
   """
-  params = {}
+  expected = {}
   for layer, leaves in abstract.items():
-    params[layer] = {}
-    for leaf, spec in leaves.items():
-      key = f"{prefix}{layer}.{'weight' if leaf == 'kernel' else 'bias'}"
-      if key not in state:
-        raise WeightError(f"{source}: tensor {key!r} is missing (found {len(state)} tensors: "
-                          f"{', '.join(list(state)[:6])}{', ...' if len(state) > 6 else ''})")
-      value = _to_flax(leaf, np.asarray(state[key], np.float32))
-      if value.shape != tuple(spec.shape):
-        want = tuple(spec.shape)
-        if leaf == "kernel":
-          want = (want[3], want[2], want[0], want[1])
-          got = tuple(np.shape(state[key]))
-        else:
-          got = value.shape
-        raise WeightError(f"{source}: tensor {key!r} has shape {got}, the model expects {want}")
-      if not np.all(np.isfinite(value)):
-        raise WeightError(f"{source}: tensor {key!r} has non-finite values")
-      params[layer][leaf] = value
+    for leaf in ("kernel", "bias"):
+      if leaf in leaves:
+        expected[f"{prefix}{layer}.{'weight' if leaf == 'kernel' else 'bias'}"] = (
+            layer, leaf, tuple(leaves[leaf].shape))
+  params = {layer: {} for layer in abstract}
+  # Checked in the file's order, so the error names the first offending tensor.
+  for key in [k for k in state if k in expected] + [k for k in expected if k not in state]:
+    layer, leaf, want = expected[key]
+    if key not in state:
+      raise WeightError(f"{source}: tensor {key!r} is missing (found {len(state)} tensors: "
+                        f"{', '.join(list(state)[:6])}{', ...' if len(state) > 6 else ''})")
+    got = tuple(np.shape(state[key]))
+    if leaf == "kernel":
+      want = (want[3], want[2], want[0], want[1])  # report in the file's OIHW layout
+    if got != want:
+      raise WeightError(f"{source}: tensor {key!r} has shape {got}, the model expects {want}")
+    value = _to_flax(leaf, np.asarray(state[key], np.float32))
+    if not np.all(np.isfinite(value)):
+      raise WeightError(f"{source}: tensor {key!r} has non-finite values")
+    params[layer][leaf] = value
   return {"params": params}
 
 
