@@ -21,10 +21,8 @@ otherwise) and checks the limit itself, from the image header, before decoding.
 ``os.replace``), so an interrupted run never leaves a half-written output.
 """
 
-import contextlib
 import os
 import pathlib
-import secrets
 import warnings
 
 import numpy as np
@@ -32,6 +30,7 @@ from PIL import Image
 from PIL import ImageOps
 
 from cdft.errors import ImageError
+from cdft.io import files
 
 # Pixel limit (width * height) of the decompression-bomb guard when the
 # environment variable CDFT_MAX_IMAGE_PIXELS is not set. One gigapixel is a
@@ -349,26 +348,11 @@ def save_image(path, image):
   data = np.floor(np.clip(data, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
   pil_image = Image.fromarray(data, mode="RGB")
 
-  parent = path.parent
   try:
-    parent.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise ImageError(f"{path}: cannot create the folder {parent} "
-                     f"({_one_line(e)})") from e
-  temp = parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-  try:
-    # os.open honours the umask, unlike tempfile (which creates mode 0600).
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    with os.fdopen(fd, "wb") as f:
+    with files.atomic_open(path) as f:
       pil_image.save(f, format=pil_format, **options)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(temp, path)
   except OSError as e:
     raise ImageError(f"{path}: cannot write image ({_one_line(e)})") from e
-  finally:
-    with contextlib.suppress(OSError):
-      temp.unlink()  # Only still there if something failed.
   return path
 
 

@@ -32,16 +32,15 @@ Files: :func:`save` / :func:`load` write and read a normalized network as a
 Flax msgpack file; :func:`load_encoder` turns one into the parameters of
 ``models.get_model('encoder', stage, 'vgg19')``.
 """
-import os
 import pathlib
 import re
-import secrets
 
 import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cdft.io import files
 from cdft.errors import WeightError
 from cdft.models import layers as model_layers
 from cdft.models import vgg
@@ -357,13 +356,10 @@ def save(path, layers_out, meta=None):
       "meta": _plain(dict(meta or {}), "meta"),
   }
   path = pathlib.Path(path)
-  temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
   try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp.write_bytes(flax.serialization.msgpack_serialize(tree))
-    os.replace(temp, path)
+    with files.atomic_open(path) as f:
+      f.write(flax.serialization.msgpack_serialize(tree))
   except OSError as e:
-    temp.unlink(missing_ok=True)
     raise WeightError(f"{path}: cannot write ({e.strerror or e})") from e
   return path
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from cdft import models
 from cdft.errors import WeightError
+from cdft.io import files
 from cdft.models import vgg
 from cdft.stylize.cascade import LevelModel
 from cdft.weights import convert, torch_format, zoo
@@ -36,10 +37,8 @@ def _cached(source, tag, build, cache_dir=None):
       path.unlink(missing_ok=True)
   tree = build()
   try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(flax.serialization.msgpack_serialize(tree))
-    os.replace(tmp, path)
+    with files.atomic_open(path) as f:
+      f.write(flax.serialization.msgpack_serialize(tree))
   except OSError:
     pass  # read-only cache: conversion still works, just not cached
   return tree

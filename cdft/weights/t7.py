@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from cdft.errors import WeightError
+from cdft.weights import torch_format
 
 __all__ = ["T7Object", "load", "save_sequential", "sequential_convs"]
 
@@ -250,17 +251,9 @@ def load(path, long_size: int = 8) -> Any:
     WeightError: missing, truncated, corrupt or unsupported (ASCII or with Lua
       functions) files.
   """
-  name = os.fspath(path)
   if long_size not in (4, 8):
     raise ValueError(f"long_size must be 4 or 8, not {long_size}")
-  try:
-    data = pathlib.Path(path).read_bytes()
-  except FileNotFoundError:
-    raise WeightError(f"{name}: no such file") from None
-  except OSError as e:
-    raise WeightError(f"{name}: cannot read ({e.strerror or e})") from None
-  if not data:
-    raise WeightError(f"{name}: empty file, not a Torch7 .t7 file")
+  name, data = torch_format.read_bytes(path, "a Torch7 .t7 file")
   if data[:1].isdigit() and data[1:2] == b"\n":
     raise WeightError(f"{name}: ASCII .t7 files are not supported (save it "
                       "in binary mode)")
@@ -479,7 +472,7 @@ def save_sequential(path, layers, *, weight_2d: bool = False,
       that tensors are views at non-trivial storage offsets.
   """
   modules = []
-  flat_params, flat_grads = [], []
+  flat_params = []
   offset = 0
   for layer in layers:
     kind = layer[0]

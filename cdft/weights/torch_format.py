@@ -491,8 +491,8 @@ def _load_zip(data: bytes, path: str):
   return obj, FileInfo("zip", len(storages), 0)
 
 
-def load_with_info(path) -> tuple[Any, FileInfo]:
-  """Like :func:`load`, also returning a :class:`FileInfo` about the file."""
+def read_bytes(path, kind):
+  """``(name, bytes)`` of a weight file; WeightError if missing, unreadable or empty."""
   name = os.fspath(path)
   try:
     data = pathlib.Path(path).read_bytes()
@@ -501,7 +501,13 @@ def load_with_info(path) -> tuple[Any, FileInfo]:
   except OSError as e:
     raise WeightError(f"{name}: cannot read ({e.strerror or e})") from None
   if not data:
-    raise WeightError(f"{name}: empty file, not a torch.save file")
+    raise WeightError(f"{name}: empty file, not {kind}")
+  return name, data
+
+
+def load_with_info(path) -> tuple[Any, FileInfo]:
+  """Like :func:`load`, also returning a :class:`FileInfo` about the file."""
+  name, data = read_bytes(path, "a torch.save file")
   if data[:4] in _ZIP_MAGIC:
     return _load_zip(data, name)
   if data[0] == 0x80:  # pickle PROTO opcode

@@ -25,19 +25,18 @@ test server).
 Converted Flax weights live in ``converted_cache_dir()`` (written elsewhere).
 """
 
-import contextlib
 import dataclasses
 import hashlib
 import http.client
 import os
 import pathlib
-import secrets
 import sys
 import threading
 import urllib.error
 import urllib.request
 
 from cdft.errors import WeightError
+from cdft.io import files
 
 URL_BASE = "https://raw.githubusercontent.com"
 URL_BASE_ENV = "CDFT_ZOO_URL_BASE"
@@ -362,61 +361,43 @@ def _download(entry, zoo_file, path, progress):
   except OSError as e:
     raise WeightError(f"{folder}: cannot create the cache folder "
                       f"({e.strerror or e})") from e
-  temp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
   digest = hashlib.sha256()
   received = 0
   try:
-    try:
-      fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as e:
-      raise WeightError(f"{temp}: cannot write to the cache folder "
-                        f"({e.strerror or e})") from e
-    with os.fdopen(fd, "wb") as out:
-      try:
-        response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S)
-      except (OSError, http.client.HTTPException, ValueError) as e:
-        raise _network_error(entry, zoo_file, url, e) from e
-      report = _Progress(progress, url, path, zoo_file.size)
-      with response:
+    response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S)
+  except (OSError, http.client.HTTPException, ValueError) as e:
+    raise _network_error(entry, zoo_file, url, e) from e
+  report = _Progress(progress, url, path, zoo_file.size)
+  try:
+    with response, files.atomic_open(path) as out:
+      while received <= zoo_file.size:  # Stop early on a too-long file.
         try:
-          while received <= zoo_file.size:  # Stop early on a too-long file.
-            try:
-              chunk = response.read(_CHUNK_BYTES)
-            except (OSError, http.client.HTTPException) as e:
-              raise _network_error(entry, zoo_file, url, e) from e
-            if not chunk:
-              break
-            received += len(chunk)
-            digest.update(chunk)
-            report.update(len(chunk))
-            out.write(chunk)
-          out.flush()
-          os.fsync(out.fileno())
-        except OSError as e:
-          raise WeightError(f"{temp}: cannot write to the cache folder "
-                            f"({e.strerror or e})") from e
-        finally:
-          report.close()
-    if received != zoo_file.size:
-      got = (f"only {received}" if received < zoo_file.size else
-             f"more than {zoo_file.size}")
-      raise WeightError(
-          f"{url}: got {got} bytes, but the zoo entry {entry}/{zoo_file.name} "
-          f"has {zoo_file.size} bytes: wrong or truncated download (not saved)")
-    if digest.hexdigest() != zoo_file.sha256:
-      raise _mismatch(url, digest.hexdigest(), entry, zoo_file,
-                      " (download not saved)")
-    try:
-      os.replace(temp, path)
-      key = _stat_key(path)
-    except OSError as e:
-      raise WeightError(f"{path}: cannot write to the cache folder "
-                        f"({e.strerror or e})") from e
-    with _HASHES_LOCK:
-      _HASHES[key] = zoo_file.sha256
+          chunk = response.read(_CHUNK_BYTES)
+        except (OSError, http.client.HTTPException) as e:
+          raise _network_error(entry, zoo_file, url, e) from e
+        if not chunk:
+          break
+        received += len(chunk)
+        digest.update(chunk)
+        report.update(len(chunk))
+        out.write(chunk)
+      # Raising here leaves nothing in the cache.
+      if received != zoo_file.size:
+        got = (f"only {received}" if received < zoo_file.size else
+               f"more than {zoo_file.size}")
+        raise WeightError(
+            f"{url}: got {got} bytes, but the zoo entry {entry}/{zoo_file.name} "
+            f"has {zoo_file.size} bytes: wrong or truncated download (not saved)")
+      if digest.hexdigest() != zoo_file.sha256:
+        raise _mismatch(url, digest.hexdigest(), entry, zoo_file, " (download not saved)")
+    key = _stat_key(path)
+  except OSError as e:
+    raise WeightError(f"{path}: cannot write to the cache folder "
+                      f"({e.strerror or e})") from e
   finally:
-    with contextlib.suppress(OSError):
-      temp.unlink()  # Still there only if something went wrong.
+    report.close()
+  with _HASHES_LOCK:
+    _HASHES[key] = zoo_file.sha256
 
 
 def fetch(entry, filename, weights_dir=None, cache_dir=None, verify=True,
