@@ -6,7 +6,7 @@ with the compile time (warm-up minus median) separately. Inputs are real images
 from ../shared/images resized to the benchmark sizes, as the official baseline
 (../shared/baselines/cd_official_cpu.json) which is printed beside.
 
-  python launch/bench_stylize.py --weights-dir ../shared/weights --out bench_results/stylize.json
+  python launch/bench_stylize.py --weights-dir ../shared/weights --out benchmarks/stylize_cpu.json
 """
 import argparse
 import json
@@ -75,7 +75,7 @@ def main():
   p.add_argument("--weights-dir", default=os.environ.get("CDFT_WEIGHTS_DIR"))
   p.add_argument("--images", type=pathlib.Path, default=SHARED / "images")
   p.add_argument("--baseline", type=pathlib.Path, default=SHARED / "baselines/cd_official_cpu.json")
-  p.add_argument("--out", type=pathlib.Path, default=REPO / "bench_results/stylize.json")
+  p.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks/stylize_cpu.json")
   p.add_argument("--config", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.config:

@@ -59,7 +59,7 @@ def x64_scope(dtype):
     yield
 
 
-def moment_sums(f, mean=None, dtype=jnp.float64, block_rows=STATS_BLOCK_ROWS):
+def moment_sums(f, mean=None, dtype=jnp.float64, block_rows=STATS_BLOCK_ROWS, mask=None):
   """Sums of ``f - mean`` and of its outer products over rows, accumulated in ``dtype``.
 
   Row blocks are sliced from ``f`` in place (no padded or float64 copy of the
@@ -71,6 +71,7 @@ def moment_sums(f, mean=None, dtype=jnp.float64, block_rows=STATS_BLOCK_ROWS):
     mean: (C,) centre, in ``dtype``; zero if None.
     dtype: accumulation dtype.
     block_rows: rows cast to ``dtype`` at a time (bounds the extra memory).
+    mask: optional (N,) bool, the rows to count.
 
   Returns:
     (s1 (C,), s2 (C, C)) in ``dtype``.
@@ -85,6 +86,8 @@ def moment_sums(f, mean=None, dtype=jnp.float64, block_rows=STATS_BLOCK_ROWS):
     start = jnp.minimum(i * rows, n - rows)
     block = jax.lax.dynamic_slice_in_dim(f, start, rows, axis=0)
     fresh = (start + jnp.arange(rows)) >= i * rows
+    if mask is not None:
+      fresh = fresh & jax.lax.dynamic_slice_in_dim(mask, start, rows, axis=0)
     g = jnp.where(fresh[:, None], block.astype(dtype) - centre, 0)
     s1 = s1 + g.sum(axis=0)
     s2 = s2 + jnp.einsum("ni,nj->ij", g, g, precision=jax.lax.Precision.HIGHEST)
@@ -94,23 +97,52 @@ def moment_sums(f, mean=None, dtype=jnp.float64, block_rows=STATS_BLOCK_ROWS):
   return jax.lax.fori_loop(0, num_blocks, body, init)
 
 
-def feature_stats(f, dtype=jnp.float64, block_rows=STATS_BLOCK_ROWS):
+def feature_stats(f, dtype=jnp.float64, block_rows=STATS_BLOCK_ROWS, mask=None):
   """Mean and covariance (divided by N - 1, as the official code) of (N, C) features.
 
   Two passes: the mean, then the centred second moment (plus the first-order
   correction of the float64 centre), both accumulated blockwise in ``dtype``.
+  ``mask`` (N,) bool restricts them to some rows (a tile's core); N is then the
+  number of rows counted.
   """
-  n = f.shape[0]
-  if n < 2:
-    raise ValueError(f"WCT needs at least 2 feature positions, got {n}")
-  s1, _ = moment_sums(f, None, dtype, block_rows)
+  if mask is None:
+    n = f.shape[0]
+    if n < 2:
+      raise ValueError(f"WCT needs at least 2 feature positions, got {n}")
+  else:
+    n = jnp.sum(mask).astype(dtype)
+  s1, _ = moment_sums(f, None, dtype, block_rows, mask)
   mean = s1 / n
-  d1, d2 = moment_sums(f, mean, dtype, block_rows)
+  d1, d2 = moment_sums(f, mean, dtype, block_rows, mask)
   # d1 is ~0 up to rounding; removing its outer product makes the result exact
   # for any centre (Welford-style correction).
   cov = (d2 - jnp.outer(d1, d1) / n) / (n - 1)
   mean = mean + d1 / n
   return Stats(mean, cov, jnp.asarray(n, dtype))
+
+
+def merge_stats(parts):
+  """Exact statistics of a union from those of its disjoint parts (numpy, float64).
+
+  Chan et al.'s pairwise update of (count, mean, centred sum of outer products);
+  used to accumulate whole-image statistics over tiles.
+  """
+  n, mean, m2 = 0.0, None, None
+  for st in parts:
+    nb = float(st.count)
+    mb = np.asarray(st.mean, np.float64)
+    m2b = np.asarray(st.cov, np.float64) * (nb - 1)
+    if mean is None:
+      n, mean, m2 = nb, mb, m2b
+      continue
+    delta = mb - mean
+    total = n + nb
+    mean = mean + delta * (nb / total)
+    m2 = m2 + m2b + np.outer(delta, delta) * (n * nb / total)
+    n = total
+  if mean is None or n < 2:
+    raise ValueError("WCT needs at least 2 feature positions")
+  return Stats(mean, m2 / (n - 1), np.float64(n))
 
 
 def _masked_power(cov, power, rtol):

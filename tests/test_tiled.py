@@ -1,0 +1,102 @@
+"""Exact tiled WCT: equality with the whole-image cascade, no seams, bounded windows."""
+import numpy as np
+import pytest
+
+from cdft.io import images
+from cdft.stylize import cascade, tiled
+from cdft.weights import pretrained
+
+
+def test_windows_cover_the_axis_once_and_stay_inside():
+  for n, core, halo, f in [(1000, 176, 160, 16), (1013, 176, 160, 16), (512, 240, 72, 8),
+                           (300, 64, 10, 2), (100, 64, 80, 1)]:
+    wins = tiled.windows_1d(n, core, halo, f)
+    n_out = n // f * f
+    covered = np.zeros(n_out, int)
+    for w in wins:
+      covered[w.c0:w.c1] += 1
+      assert 0 <= w.w0 and w.w1 <= n and w.w0 % f == 0
+      # The core has the full halo on each side unless it touches the image edge,
+      # and a window reaching the output's end takes the trailing remainder too.
+      assert w.c0 - w.w0 >= min(halo, w.c0)
+      assert w.w1 - w.c1 >= min(halo, n_out - w.c1)
+      assert w.w1 == n or w.c1 < n_out
+    assert len({w.w1 - w.w0 for w in wins}) <= 2
+    np.testing.assert_array_equal(covered, 1)
+
+
+def test_halos_cover_the_receptive_fields():
+  # One side of a stage-k encoder reaches sum(convs of block b * 2^(b-1)) px:
+  # 1, 4, 10, 30, 70; the decoder mirrors it. Plus one pooling cell, aligned.
+  assert [tiled.encoder_halo(k) for k in range(1, 6)] == [2, 6, 16, 40, 96]
+  assert [tiled.level_halo(k) for k in range(1, 6)] == [3, 10, 24, 72, 160]
+
+
+def test_budget_to_tile():
+  assert tiled.parse_bytes("4G") == 4 << 30 and tiled.parse_bytes("512M") == 512 << 20
+  small, big = tiled.tile_for_budget(2 << 30), tiled.tile_for_budget(8 << 30)
+  assert small % 16 == 0 and big > small
+  with pytest.raises(ValueError, match="too small"):
+    tiled.tile_for_budget(720 << 20)
+  with pytest.raises(ValueError, match="memory size"):
+    tiled.parse_bytes("lots")
+
+
+@pytest.fixture(scope="module")
+def setup(weights_dir, images_dir, tmp_path_factory):
+  stylizer = cascade.Stylizer(pretrained.load_levels(
+      "cd16x", weights_dir=weights_dir, cache_dir=tmp_path_factory.mktemp("cache")))
+  content = images.load_image(images_dir / "content/adain_newyork.jpg", 520)[:520, :650]
+  style = images.load_image(images_dir / "style/adain_la_muse.jpg", 200)
+  whole = stylizer.stylize(content, style)
+  return stylizer, content, style, whole
+
+
+def _check_equal_without_seams(got, whole, tile, levels):
+  assert got.shape == whole.shape
+  assert tiled.psnr(got, whole) >= 50.0
+  assert np.abs(got - whole).max() < 1e-2
+  # No seam: the gradient across the tile boundaries of every level is the
+  # whole-image gradient there (within 1%).
+  rows = sorted({b for k in levels
+                 for b in tiled.tile_boundaries(520, tile, tiled.level_halo(k), 2 ** (k - 1))})
+  cols = sorted({b for k in levels
+                 for b in tiled.tile_boundaries(650, tile, tiled.level_halo(k), 2 ** (k - 1))})
+  assert rows and cols
+  r_tiled = tiled.seam_ratio(got, rows, cols)
+  r_whole = tiled.seam_ratio(whole, rows, cols)
+  assert abs(r_tiled / r_whole - 1) < 0.01
+
+
+def test_tiled_cascade_equals_whole_image(setup):
+  stylizer, content, style, whole = setup
+  tile = 176  # divides neither 520 x 650 nor the 512 x 640 output
+  got = tiled.TiledStylizer(stylizer, tile=tile).stylize(content, style).to_array()
+  assert whole.shape == (512, 640, 3)
+  _check_equal_without_seams(got, whole, tile, (5, 4, 3, 2, 1))
+
+
+def test_tiled_on_disk_store(setup, tmp_path):
+  stylizer, content, style, _ = setup
+  levels, tile = (4, 3), 112
+  whole = stylizer.stylize(content, style, alpha=0.7, levels=levels)
+  got = tiled.TiledStylizer(stylizer, tile=tile, on_disk=True, temp_dir=tmp_path).stylize(
+      content, style, alpha=0.7, levels=levels).to_array()
+  _check_equal_without_seams(got, whole, tile, levels)
+  assert not list(tmp_path.iterdir())  # the level files are already unlinked
+
+
+def test_thumbnail_statistics_approximate_the_exact_result(setup):
+  stylizer, content, style, _ = setup
+  levels = (5, 4)
+  exact = stylizer.stylize(content, style, levels=levels)
+
+  def thumbnail_run(size):
+    return tiled.TiledStylizer(stylizer, tile=240, stats_mode="thumbnail",
+                               thumbnail_size=size).stylize(content, style, levels=levels)
+
+  # A thumbnail as large as the image is the image: the exact result.
+  assert tiled.psnr(thumbnail_run(1024).to_array(), exact) >= 50.0
+  # A half-size thumbnail approximates it (URST's trade-off), measurably worse.
+  value = tiled.psnr(thumbnail_run(320).to_array(), exact)
+  assert 8.0 < value < 40.0
