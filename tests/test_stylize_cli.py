@@ -126,3 +126,26 @@ def test_bad_flag_values_are_rejected(capsys):
     cli.main(["--content", "a.jpg", "--style", "b.jpg", "--output", "o.jpg", "--alpha", "2"])
   assert e.value.code == 2
   assert "--alpha must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_forced_tiling_gives_the_whole_image_result(capsys, tmp_path, images_dir, weights_dir):
+  common = ["--content", images_dir / CONTENT, "--style", images_dir / STYLE,
+            "--content-size", 150, "--style-size", 64, "--levels", "2,1",
+            "--weights-dir", weights_dir]
+  code, _, err = _run(capsys, *common, "--output", tmp_path / "whole.png")
+  assert code == 0, err
+  code, out, err = _run(capsys, *common, "--output", tmp_path / "tiled.png", "--tile", 64)
+  assert code == 0, err
+  assert "tiled (exact statistics), tile 64 px" in out and "tile 12/12" in out  # 3 x 4 tiles
+  whole = np.asarray(Image.open(tmp_path / "whole.png"), np.int16)
+  tiles = np.asarray(Image.open(tmp_path / "tiled.png"), np.int16)
+  assert whole.shape == tiles.shape
+  assert np.abs(whole - tiles).max() <= 1  # the same picture, up to 8-bit rounding
+
+
+def test_memory_budget_too_small_for_any_tile(capsys, tmp_path, images_dir, weights_dir):
+  code, _, err = _run(capsys, "--content", images_dir / CONTENT, "--style", images_dir / STYLE,
+                      "--content-size", 64, "--levels", "1", "--max-memory", "200M",
+                      "--weights-dir", weights_dir, "--output", tmp_path / "o.png")
+  assert code == 2
+  assert "too small for tiling" in err.strip().splitlines()[-1]

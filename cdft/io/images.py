@@ -215,7 +215,7 @@ def _resize_float(data, size):
   return np.stack(channels, axis=-1)
 
 
-def load_image(path, shorter_side=None, min_side=16):
+def load_image(path, shorter_side=None, min_side=16, keep_uint8=False):
   """Reads an image file as float32 RGB in [0, 1].
 
   Applies the EXIF orientation, converts greyscale / paletted / CMYK images to
@@ -229,9 +229,12 @@ def load_image(path, shorter_side=None, min_side=16):
       has this many pixels; upscaling is allowed.
     min_side: the smallest acceptable shorter side, in pixels, after resizing;
       the default 16 is what the 5-level WCT cascade (four 2x poolings) needs.
+    keep_uint8: return 8-bit images as uint8 (0..255) instead of float32, for
+      huge images that are converted band by band later.
 
   Returns:
-    float32 array of shape (H, W, 3), values in [0, 1].
+    float32 array of shape (H, W, 3), values in [0, 1] (uint8 with ``keep_uint8``
+    for 8-bit sources).
 
   Raises:
     ImageError: the file is missing, a directory, unreadable, not an image,
@@ -292,9 +295,12 @@ def load_image(path, shorter_side=None, min_side=16):
         pil_rgb = pil_rgb.resize(size, Image.BILINEAR)
       else:
         data = _resize_float(data, size)
-  if pil_rgb is not None:
+  if pil_rgb is not None and keep_uint8:
+    data = np.asarray(pil_rgb, dtype=np.uint8)  # 4x less memory for huge images
+  elif pil_rgb is not None:
     data = np.asarray(pil_rgb, dtype=np.float32) / np.float32(255.0)
-  data = np.ascontiguousarray(data, dtype=np.float32)
+  if data.dtype != np.uint8:
+    data = np.ascontiguousarray(data, dtype=np.float32)
 
   height, width = data.shape[:2]
   if min(height, width) < min_side:
@@ -327,7 +333,8 @@ def save_image(path, image):
 
   Args:
     path: the output file (str or path-like).
-    image: array-like (numpy or jax) of shape (H, W, 3) or (1, H, W, 3).
+    image: array-like (numpy or jax) of shape (H, W, 3) or (1, H, W, 3); uint8
+      arrays are written as they are.
 
   Returns:
     The written path as a ``pathlib.Path``.
@@ -344,8 +351,9 @@ def save_image(path, image):
   if data.ndim != 3 or data.shape[-1] != 3:
     raise ValueError(f"save_image wants an (H, W, 3) or (1, H, W, 3) image, "
                      f"got shape {np.shape(image)}")
-  data = np.nan_to_num(data.astype(np.float32), nan=0.0)
-  data = np.floor(np.clip(data, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+  if data.dtype != np.uint8:
+    data = np.nan_to_num(data.astype(np.float32), nan=0.0)
+    data = np.floor(np.clip(data, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
   pil_image = Image.fromarray(data, mode="RGB")
 
   try:

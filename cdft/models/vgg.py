@@ -110,7 +110,15 @@ class Decoder(nn.Module):
   widths: Sequence[int] = VGG19_WIDTHS
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, input_affine=None):
+    """Decodes relu{k}_1 features.
+
+    Args:
+      x: (N, h, w, C) features.
+      input_affine: optional ``(A, c)``; decodes ``x @ A + c`` instead of ``x``,
+        folded exactly into the first convolution (how WCT's C x C transform is
+        applied without materialising the transformed features).
+    """
     _check_stage(self.stage)
     out_widths = (3,) + tuple(self.widths[:4])  # conv{b}1 maps block b to block b-1
     for block in range(self.stage, 0, -1):
@@ -119,7 +127,8 @@ class Decoder(nn.Module):
       depth = 1 if block == self.stage else BLOCK_DEPTHS[block - 1]
       for i in range(depth, 0, -1):
         features = out_widths[block - 1] if i == 1 else self.widths[block - 1]
-        x = layers.ReflectConv3x3(features, name=f"conv{block}{i}")(x)
+        x = layers.ReflectConv3x3(features, name=f"conv{block}{i}")(x, input_affine)
+        input_affine = None
     return x
 
 

@@ -50,7 +50,8 @@ def _level_program(encoder, decoder, stats_dtype):
     cs = wct.feature_stats(wct.flatten(cf), stats_dtype)
     targets = [(style_weights[i], stats(enc_params, s)) for i, s in enumerate(styles)]
     m, b = wct.wct_matrix(cs, targets, alpha)
-    return decoder.apply(dec_params, wct.apply_matrix(cf, m, b))
+    # WCT is the affine map f @ M.T + b: folded into the decoder's first conv.
+    return decoder.apply(dec_params, cf, input_affine=wct.as_affine(m, b, cf.dtype))
 
   return jax.jit(run)
 

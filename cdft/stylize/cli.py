@@ -51,6 +51,21 @@ def _size(text):
   return s
 
 
+def _memory(text):
+  from cdft.stylize import tiled
+  try:
+    return tiled.parse_bytes(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e))
+
+
+def _tile(text):
+  t = int(text)
+  if t < 64 or t % 16:
+    raise argparse.ArgumentTypeError(f"--tile must be a multiple of 16 and at least 64, got {text}")
+  return t
+
+
 def build_parser():
   p = argparse.ArgumentParser(
       prog="cdft-stylize",
@@ -80,6 +95,14 @@ def build_parser():
                  help="keep the content's colours (stylized luminance, content chroma)")
   p.add_argument("--format", default="jpg", choices=("jpg", "png", "tif"),
                  help="file type of outputs written into a folder (default jpg)")
+  p.add_argument("--max-memory", type=_memory, default=None,
+                 help="memory budget, e.g. 4G: images whose whole-image cascade would not fit "
+                      "are stylized exactly in tiles sized to it (default: half the RAM)")
+  p.add_argument("--tile", type=_tile, default=None,
+                 help="force tiling with this tile size in px (a multiple of 16)")
+  p.add_argument("--stats", choices=("exact", "thumbnail"), default="exact",
+                 help="content statistics of tiled runs: exact (whole image, default) or from a "
+                      "1024-px thumbnail (URST's approximation; implies tiling)")
   return p
 
 
@@ -127,10 +150,11 @@ def run(args, out=None):
   """Stylizes every planned pair, printing progress to ``out`` (stdout); returns the paths."""
   out = out or sys.stdout
   from cdft.io import images
-  from cdft.stylize import cascade
+  from cdft.stylize import cascade, tiled
   from cdft.weights import pretrained
 
   plan = _plan(args)
+  budget = args.max_memory or tiled.default_memory_budget()
   _enable_compile_cache()
   t0 = time.perf_counter()
   levels = pretrained.load_levels(args.model, args.levels, args.weights_dir)
@@ -141,7 +165,7 @@ def run(args, out=None):
   written = []
   for i, (content_path, style_paths, output_path) in enumerate(plan, 1):
     start = time.perf_counter()
-    content = images.load_image(content_path, args.content_size)
+    content = images.load_image(content_path, args.content_size, keep_uint8=True)
     if style_paths != loaded_styles:
       styles = [images.load_image(s, args.style_size) for s in style_paths]
       loaded_styles = style_paths
@@ -152,16 +176,56 @@ def run(args, out=None):
     def report(level, seconds):
       print(f"    level {level}: {seconds:.2f}s", file=out, flush=True)
 
-    result = stylizer.stylize(content, styles, args.alpha, args.levels, args.style_weights,
-                              callback=report)
+    if args.tile or args.stats != "exact" or tiled.whole_image_bytes(h, w) > budget:
+      try:
+        runner = tiled.TiledStylizer(stylizer, tile=args.tile, max_memory=budget,
+                                     stats_mode=args.stats)
+      except ValueError as e:  # a budget too small for any tile
+        raise CdftError(str(e)) from None
+      print(f"    tiled ({args.stats} statistics), tile {runner.tile} px", file=out, flush=True)
+      result = runner.stylize(content, styles, args.alpha, args.levels, args.style_weights,
+                              callback=report, progress=_tile_progress(out)).to_uint8()
+    else:
+      content = _as_float(content)
+      result = stylizer.stylize(content, styles, args.alpha, args.levels, args.style_weights,
+                                callback=report)
     if args.preserve_color:
-      result = cascade.preserve_color(content, result)
+      result = _preserve_color_bands(content, result)
     images.save_image(output_path, result)
     written.append(output_path)
     oh, ow = result.shape[:2]
     print(f"    wrote {output_path} ({ow}x{oh}) in {time.perf_counter() - start:.2f}s",
           file=out, flush=True)
   return written
+
+
+def _as_float(image):
+  import numpy as np
+  return image.astype(np.float32) / np.float32(255.0) if image.dtype == np.uint8 else image
+
+
+def _preserve_color_bands(content, result, rows=512):
+  """Content chroma + stylized luminance, a band of rows at a time (uint8 or float)."""
+  import numpy as np
+  from cdft.stylize import cascade
+  out = np.empty(result.shape, np.float32)
+  for r0 in range(0, result.shape[0], rows):
+    out[r0:r0 + rows] = cascade.preserve_color(
+        _as_float(content[r0:r0 + rows, :result.shape[1]]), _as_float(result[r0:r0 + rows]))
+  return out
+
+
+def _tile_progress(out, every_s=2.0):
+  """A progress callback printing the tile count of a level at most every few seconds."""
+  last = [0.0]
+
+  def progress(level, stage, done, total):
+    now = time.perf_counter()
+    if done == total or now - last[0] >= every_s:
+      last[0] = now
+      print(f"      level {level} {stage}: tile {done}/{total}", file=out, flush=True)
+
+  return progress
 
 
 def main(argv=None):

@@ -23,6 +23,7 @@ raw float32 file read and written in row bands.
 copy of the image (URST's approximation, Chen et al. AAAI 2022), for comparison.
 """
 import dataclasses
+import functools
 import math
 import os
 import tempfile
@@ -95,6 +96,14 @@ def tile_for_budget(budget_bytes, stage=5):
   return core
 
 
+def default_memory_budget():
+  """Half of the machine's physical memory."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+  except (ValueError, OSError, AttributeError):
+    return 4 << 30
+
+
 def whole_image_bytes(height, width):
   """Rough peak memory of the untiled cascade on an image of this size."""
   return BASE_BYTES + BYTES_PER_WINDOW_PIXEL * height * width
@@ -117,9 +126,13 @@ class ImageStore:
 
   @classmethod
   def from_array(cls, image, on_disk=False, folder=None):
-    image = np.asarray(image, np.float32)
+    """A store holding ``image`` (float in [0, 1], or uint8 converted band by band)."""
     store = cls(image.shape[0], image.shape[1], on_disk, folder)
-    store.write_rows(0, image)
+    for r0, r1 in _bands(image.shape[0], 512):
+      rows = image[r0:r1]
+      if rows.dtype == np.uint8:
+        rows = rows.astype(np.float32) / np.float32(255.0)
+      store.write_rows(r0, np.asarray(rows, np.float32))
     return store
 
   def read_rows(self, r0, r1):
@@ -142,6 +155,14 @@ class ImageStore:
 
   def to_array(self):
     return self.read_rows(0, self.height).copy()
+
+  def to_uint8(self, band_rows=512):
+    """The image clamped and rounded to uint8, converted band by band."""
+    out = np.empty((self.height, self.width, 3), np.uint8)
+    for r0, r1 in _bands(self.height, band_rows):
+      rows = np.nan_to_num(self.read_rows(r0, r1), nan=0.0)
+      out[r0:r1] = np.floor(np.clip(rows, 0.0, 1.0) * 255.0 + 0.5)
+    return out
 
   def close(self):
     if self._file is not None:
@@ -183,6 +204,7 @@ def windows_1d(n, core, halo, f=1):
   return out
 
 
+@functools.lru_cache(maxsize=None)
 def _level_programs(encoder, decoder, stats_dtype):
   """(masked stats of the encoder output, enc -> matrix -> dec) for one level."""
 
@@ -196,7 +218,7 @@ def _level_programs(encoder, decoder, stats_dtype):
 
   def transform(enc_params, dec_params, img, m, b):
     feat = encoder.apply(enc_params, img)
-    return decoder.apply(dec_params, wct.apply_matrix(feat, m, b))
+    return decoder.apply(dec_params, feat, input_affine=wct.as_affine(m, b, feat.dtype))
 
   return jax.jit(stats), jax.jit(transform)
 
@@ -284,7 +306,7 @@ class TiledStylizer:
     weights = style_weights or [1.0] * len(styles)
     store = content if isinstance(content, ImageStore) else None
     if store is None:
-      content = np.asarray(content, np.float32)
+      content = np.asarray(content)
       store = ImageStore.from_array(content, self._use_disk(*content.shape[:2]), self.temp_dir)
     for k in levels:
       t0 = time.perf_counter()

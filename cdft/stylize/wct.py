@@ -100,10 +100,11 @@ def moment_sums(f, mean=None, dtype=jnp.float64, block_rows=STATS_BLOCK_ROWS, ma
 def feature_stats(f, dtype=jnp.float64, block_rows=STATS_BLOCK_ROWS, mask=None):
   """Mean and covariance (divided by N - 1, as the official code) of (N, C) features.
 
-  Two passes: the mean, then the centred second moment (plus the first-order
-  correction of the float64 centre), both accumulated blockwise in ``dtype``.
-  ``mask`` (N,) bool restricts them to some rows (a tile's core); N is then the
-  number of rows counted.
+  One pass over the map, accumulating in ``dtype`` the sums of ``f - K`` and
+  of its outer products, with the shift ``K`` = the first row (any data point
+  near the mean keeps the ``S2 - S1 S1^T / N`` cancellation harmless; in
+  float64 it is exact to ~1e-16 relative). ``mask`` (N,) bool restricts the
+  statistics to some rows (a tile's core); N is then the number counted.
   """
   if mask is None:
     n = f.shape[0]
@@ -111,14 +112,10 @@ def feature_stats(f, dtype=jnp.float64, block_rows=STATS_BLOCK_ROWS, mask=None):
       raise ValueError(f"WCT needs at least 2 feature positions, got {n}")
   else:
     n = jnp.sum(mask).astype(dtype)
-  s1, _ = moment_sums(f, None, dtype, block_rows, mask)
-  mean = s1 / n
-  d1, d2 = moment_sums(f, mean, dtype, block_rows, mask)
-  # d1 is ~0 up to rounding; removing its outer product makes the result exact
-  # for any centre (Welford-style correction).
-  cov = (d2 - jnp.outer(d1, d1) / n) / (n - 1)
-  mean = mean + d1 / n
-  return Stats(mean, cov, jnp.asarray(n, dtype))
+  shift = f[0].astype(dtype)
+  s1, s2 = moment_sums(f, shift, dtype, block_rows, mask)
+  cov = (s2 - jnp.outer(s1, s1) / n) / (n - 1)
+  return Stats(shift + s1 / n, cov, jnp.asarray(n, dtype))
 
 
 def merge_stats(parts):
@@ -201,6 +198,11 @@ def apply_matrix(f, m, b):
   m = m.astype(f.dtype)
   b = b.astype(f.dtype)
   return jnp.einsum("...i,oi->...o", f, m, precision=jax.lax.Precision.HIGHEST) + b
+
+
+def as_affine(m, b, dtype=jnp.float32):
+  """``(A, c)`` with ``f @ A + c == f @ M.T + b``, for folding into a following conv."""
+  return m.T.astype(dtype), b.astype(dtype)
 
 
 def flatten(f):
