@@ -141,7 +141,7 @@ def main():
         f.unlink()
 
   print("| image | megapixels | mode | time (s) | peak RSS (GiB) | tile | PSNR vs exact (dB) "
-        f"| seam ratio |")
+        "| seam ratio |")
   print("|" + "---|" * 8)
   for r in results:
     mp = r["hw"][0] * r["hw"][1] / 1e6
