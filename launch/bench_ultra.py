@@ -50,24 +50,27 @@ def child(args):
                                                                             Image.BICUBIC),
                      np.float32) / 255
   stylizer = cascade.Stylizer(pretrained.load_levels("cd16x", weights_dir=args.weights_dir))
-  levels = {}
-  t0 = time.perf_counter()
-  if args.mode == "whole":
-    out = stylizer.stylize(content.astype(np.float32) / 255, style,
-                           callback=lambda k, s: levels.__setitem__(k, s))
-    out = (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
-    tile = None
-  else:
-    runner = tiled.TiledStylizer(stylizer, max_memory=args.max_memory, stats_mode=args.mode,
-                                 temp_dir=args.tmp)
-    tile = runner.tile
-    out = runner.stylize(content, style, callback=lambda k, s: levels.__setitem__(k, s))
-    del content
-    out = out.to_uint8()
-  seconds = time.perf_counter() - t0
+  runs = []
+  # Small images run twice so the second (reported) run excludes compilation.
+  for _ in range(2 if content.size <= 3 * 16_000_000 else 1):
+    levels = {}
+    t0 = time.perf_counter()
+    if args.mode == "whole":
+      out = stylizer.stylize(content.astype(np.float32) / 255, style,
+                             callback=lambda k, s: levels.__setitem__(k, s))
+      out = (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+      tile = None
+    else:
+      runner = tiled.TiledStylizer(stylizer, max_memory=args.max_memory, stats_mode=args.mode,
+                                   temp_dir=args.tmp)
+      tile = runner.tile
+      out = runner.stylize(content, style, callback=lambda k, s: levels.__setitem__(k, s))
+      out = out.to_uint8()
+    runs.append(time.perf_counter() - t0)
+  seconds = runs[-1]
   np.save(args.tmp / f"{args.size}_{args.mode}.npy", out)
   print(json.dumps({"size": args.size, "mode": args.mode, "hw": list(out.shape[:2]),
-                    "seconds": seconds, "level_s": levels, "tile": tile,
+                    "seconds": seconds, "runs_s": runs, "level_s": levels, "tile": tile,
                     "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 
 
@@ -82,12 +85,15 @@ def _psnr_bands(a, b, rows=1024):
 
 
 def _seams(out, tile):
+  """Seam ratio on a 2048-px square around the first tile corner (tiles are >= 1024 px)."""
   from cdft.stylize import tiled
-  crop = out[:2048, :2048].astype(np.float32) / 255
-  rows = sorted({b for k in range(1, 6) for b in tiled.tile_boundaries(
-      out.shape[0], tile, tiled.level_halo(k), 2 ** (k - 1)) if b < 2048})
-  cols = sorted({b for k in range(1, 6) for b in tiled.tile_boundaries(
-      out.shape[1], tile, tiled.level_halo(k), 2 ** (k - 1)) if b < 2048})
+  bounds = [sorted({b for k in range(1, 6) for b in tiled.tile_boundaries(
+      n, tile, tiled.level_halo(k), 2 ** (k - 1))}) for n in out.shape[:2]]
+  starts = [max(0, min(b[0] - 1024, n - 2048)) if b else 0
+            for b, n in zip(bounds, out.shape[:2])]
+  crop = out[starts[0]:starts[0] + 2048, starts[1]:starts[1] + 2048].astype(np.float32) / 255
+  rows = [b - starts[0] for b in bounds[0] if 0 < b - starts[0] < crop.shape[0]]
+  cols = [b - starts[1] for b in bounds[1] if 0 < b - starts[1] < crop.shape[1]]
   return tiled.seam_ratio(crop, rows, cols) if rows or cols else None
 
 
@@ -114,7 +120,7 @@ def main():
     for size in args.sizes.split(","):
       w, h = SIZES[size] or (3840, 2160)
       for mode in args.modes.split(","):
-        if mode == "whole" and tiled.whole_image_bytes(h, w) > 0.8 * machine:
+        if mode == "whole" and tiled.whole_image_bytes(h, w) > 0.6 * machine:
           print(f"skipping {size} {mode}: needs ~{tiled.whole_image_bytes(h, w) / 2**30:.0f} GiB",
                 file=sys.stderr)
           continue

@@ -110,19 +110,19 @@ def whole_image_bytes(height, width):
 
 
 class ImageStore:
-  """A float32 (H, W, 3) image, in memory or in a raw file read/written by row bands."""
+  """A float32 (H, W, C) image or feature map, in memory or in a raw file read by row bands."""
 
-  def __init__(self, height, width, on_disk=False, folder=None):
-    self.height, self.width = height, width
+  def __init__(self, height, width, on_disk=False, folder=None, channels=3):
+    self.height, self.width, self.channels = height, width, channels
     self._array = None
     self._file = None
     if on_disk:
       fd, name = tempfile.mkstemp(prefix="cdft-level-", suffix=".f32", dir=folder)
       self._file = os.fdopen(fd, "w+b")
       os.unlink(name)  # removed by the OS when closed, even if the run is killed
-      self._file.truncate(height * width * 12)
+      self._file.truncate(height * width * channels * 4)
     else:
-      self._array = np.zeros((height, width, 3), np.float32)
+      self._array = np.zeros((height, width, channels), np.float32)
 
   @classmethod
   def from_array(cls, image, on_disk=False, folder=None):
@@ -139,10 +139,9 @@ class ImageStore:
     """Rows [r0, r1) as a (r1 - r0, W, 3) array."""
     if self._array is not None:
       return self._array[r0:r1]
-    row = self.width * 12
-    self._file.seek(r0 * row)
-    data = np.fromfile(self._file, np.float32, (r1 - r0) * self.width * 3)
-    return data.reshape(r1 - r0, self.width, 3)
+    self._file.seek(r0 * self.width * self.channels * 4)
+    data = np.fromfile(self._file, np.float32, (r1 - r0) * self.width * self.channels)
+    return data.reshape(r1 - r0, self.width, self.channels)
 
   def write_rows(self, r0, rows):
     if self._array is not None:
@@ -150,7 +149,7 @@ class ImageStore:
       return
     if rows.shape[1] != self.width:
       raise ValueError("on-disk stores are written in full rows")
-    self._file.seek(r0 * self.width * 12)
+    self._file.seek(r0 * self.width * self.channels * 4)
     np.ascontiguousarray(rows, np.float32).tofile(self._file)
 
   def to_array(self):
@@ -192,9 +191,11 @@ def windows_1d(n, core, halo, f=1):
   convolutions used them). So an axis has at most two window lengths.
   """
   n_out = (n // f) * f
-  size = core + 2 * halo
-  if n_out <= size:
+  if n_out <= core + 2 * halo:
     return [Window(0, n_out, 0, n)]
+  count = -(-n_out // core)  # balanced: equal cores, no nearly empty last tile
+  core = _align_up(-(-n_out // count), f)
+  size = core + 2 * halo
   out = []
   for c0 in range(0, n_out, core):
     c1 = min(c0 + core, n_out)
@@ -214,13 +215,15 @@ def _level_programs(encoder, decoder, stats_dtype):
     r = jnp.arange(h)
     c = jnp.arange(w)
     mask = ((r >= rows[0]) & (r < rows[1]))[:, None] & ((c >= cols[0]) & (c < cols[1]))[None]
-    return wct.feature_stats(wct.flatten(feat), stats_dtype, mask=mask.reshape(-1))
+    return wct.feature_stats(wct.flatten(feat), stats_dtype, mask=mask.reshape(-1)), feat
 
-  def transform(enc_params, dec_params, img, m, b):
-    feat = encoder.apply(enc_params, img)
+  def decode(dec_params, feat, m, b):
     return decoder.apply(dec_params, feat, input_affine=wct.as_affine(m, b, feat.dtype))
 
-  return jax.jit(stats), jax.jit(transform)
+  def transform(enc_params, dec_params, img, m, b):
+    return decode(dec_params, encoder.apply(enc_params, img), m, b)
+
+  return jax.jit(stats), jax.jit(transform), jax.jit(decode)
 
 
 class TiledStylizer:
@@ -255,23 +258,42 @@ class TiledStylizer:
 
   # -- statistics ---------------------------------------------------------------------------
 
-  def _tiled_stats(self, k, store, halo):
-    """Exact statistics of encoder k's features of a whole stored image."""
+  def _tiled_stats(self, k, store, halo, keep_features=False):
+    """Exact statistics of encoder k's features of a whole stored image.
+
+    With ``keep_features`` also returns the features themselves (an
+    :class:`ImageStore` of (H/f, W/f, C)), so pass 2 only has to decode.
+    """
     f = 2 ** (k - 1)
     model = self.stylizer.levels[k]
     stats_fn = self._programs[k][0]
     rows = windows_1d(store.height, self.tile, halo, f)
     cols = windows_1d(store.width, self.tile, halo, f)
+    feats = None
     parts = []
     with wct.x64_scope(self.stylizer.stats_dtype):
       for rw in rows:
         band = store.read_rows(rw.w0, rw.w1)
+        feat_rows = None
         for cw in cols:
           window = jnp.asarray(band[None, :, cw.w0:cw.w1])
-          r = jnp.asarray([(rw.c0 - rw.w0) // f, (rw.c1 - rw.w0) // f])
-          c = jnp.asarray([(cw.c0 - cw.w0) // f, (cw.c1 - cw.w0) // f])
-          parts.append(jax.device_get(stats_fn(model.encoder_params, window, r, c)))
-    return wct.merge_stats(parts)
+          r = ((rw.c0 - rw.w0) // f, (rw.c1 - rw.w0) // f)
+          c = ((cw.c0 - cw.w0) // f, (cw.c1 - cw.w0) // f)
+          st, feat = stats_fn(model.encoder_params, window, jnp.asarray(r), jnp.asarray(c))
+          parts.append(jax.device_get(st))
+          if keep_features:
+            core = np.asarray(feat[0, r[0]:r[1], c[0]:c[1]])
+            if feats is None:
+              feats = ImageStore(store.height // f, store.width // f,
+                                 self._use_disk(store.height, store.width, core.shape[-1]),
+                                 self.temp_dir, channels=core.shape[-1])
+            if feat_rows is None:
+              feat_rows = np.empty((r[1] - r[0], feats.width, feats.channels), np.float32)
+            feat_rows[:, cw.c0 // f:cw.c1 // f] = core
+        if feat_rows is not None:
+          feats.write_rows(rw.c0 // f, feat_rows)
+    stats = wct.merge_stats(parts)
+    return (stats, feats) if keep_features else stats
 
   def _thumbnail_stats(self, k, store):
     image = store.to_array() if store.height * store.width <= 16 << 20 else None
@@ -315,15 +337,22 @@ class TiledStylizer:
         callback(k, time.perf_counter() - t0)
     return store
 
-  def _use_disk(self, height, width):
+  def _use_disk(self, height, width, channels=3):
+    """Whether a level's image (or features of ``channels`` per pooled cell) go to a file."""
     if self.on_disk is not None:
       return self.on_disk
-    return height * width * 12 * 3 > self.max_memory // 4
+    return height * width * 4 * max(channels, 9) > self.max_memory // 4
 
   def level(self, k, store, styles, alpha, weights, progress=None):
     f = 2 ** (k - 1)
+    # Pass 1. Level 1's encoder is a single conv: recomputing it in pass 2 is
+    # cheaper than keeping its full-resolution 24-channel features.
+    keep = self.stats_mode == "exact" and k >= 2
+    feats = None
     if self.stats_mode == "exact":
-      content_stats = self._tiled_stats(k, store, encoder_halo(k))
+      content_stats = self._tiled_stats(k, store, encoder_halo(k), keep_features=keep)
+      if keep:
+        content_stats, feats = content_stats
     else:
       content_stats = self._thumbnail_stats(k, store)
     targets = [(w, self._array_stats(k, s)) for w, s in zip(weights, styles)]
@@ -334,27 +363,35 @@ class TiledStylizer:
     m = jnp.asarray(m, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
 
-    halo = level_halo(k)
-    rows = windows_1d(store.height, self.tile, halo, f)
-    cols = windows_1d(store.width, self.tile, halo, f)
+    # Pass 2: decode (from the kept features, or re-encoding) tile by tile.
     height, width = (store.height // f) * f, (store.width // f) * f
     out = ImageStore(height, width, self._use_disk(height, width), self.temp_dir)
     model = self.stylizer.levels[k]
-    transform = self._programs[k][1]
+    _, transform, decode = self._programs[k]
+    if feats is not None:
+      source, scale, halo = feats, f, encoder_halo(k) // f  # the decoder mirrors the encoder
+      run = lambda window: decode(model.decoder_params, window, m, b)
+    else:
+      source, scale, halo = store, 1, level_halo(k)
+      run = lambda window: transform(model.encoder_params, model.decoder_params, window, m, b)
+    rows = windows_1d(source.height, self.tile // scale, halo, f // scale)
+    cols = windows_1d(source.width, self.tile // scale, halo, f // scale)
     done, total = 0, len(rows) * len(cols)
     for rw in rows:
-      band = store.read_rows(rw.w0, rw.w1)
-      out_rows = np.empty((rw.c1 - rw.c0, width, 3), np.float32)
+      band = source.read_rows(rw.w0, rw.w1)
+      out_rows = np.empty(((rw.c1 - rw.c0) * scale, width, 3), np.float32)
       for cw in cols:
-        window = jnp.asarray(band[None, :, cw.w0:cw.w1])
-        result = np.asarray(transform(model.encoder_params, model.decoder_params, window, m, b))
-        out_rows[:, cw.c0:cw.c1] = result[0, rw.c0 - rw.w0:rw.c1 - rw.w0,
-                                          cw.c0 - cw.w0:cw.c1 - cw.w0]
+        result = np.asarray(run(jnp.asarray(band[None, :, cw.w0:cw.w1])))
+        out_rows[:, cw.c0 * scale:cw.c1 * scale] = result[
+            0, (rw.c0 - rw.w0) * scale:(rw.c1 - rw.w0) * scale,
+            (cw.c0 - cw.w0) * scale:(cw.c1 - cw.w0) * scale]
         done += 1
         if progress is not None:
           progress(k, "decode", done, total)
-      out.write_rows(rw.c0, out_rows)
+      out.write_rows(rw.c0 * scale, out_rows)
     store.close()
+    if feats is not None:
+      feats.close()
     return out
 
 
