@@ -152,6 +152,27 @@ class ImageStore:
     self._file.seek(r0 * self.width * self.channels * 4)
     np.ascontiguousarray(rows, np.float32).tofile(self._file)
 
+  def _map(self):
+    return np.memmap(self._file, np.float32, "r+", shape=(self.height, self.width, self.channels))
+
+  def read_window(self, r0, r1, c0, c1):
+    """The block [r0, r1) x [c0, c1); on disk only its pages are touched (flat memory)."""
+    if self._array is not None:
+      return self._array[r0:r1, c0:c1]
+    mapped = self._map()
+    block = np.array(mapped[r0:r1, c0:c1])
+    del mapped  # unmapped: the pages leave this process's resident set
+    return block
+
+  def write_window(self, r0, c0, block):
+    if self._array is not None:
+      self._array[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
+      return
+    mapped = self._map()
+    mapped[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
+    mapped.flush()
+    del mapped
+
   def to_array(self):
     return self.read_rows(0, self.height).copy()
 
@@ -273,10 +294,8 @@ class TiledStylizer:
     parts = []
     with wct.x64_scope(self.stylizer.stats_dtype):
       for rw in rows:
-        band = store.read_rows(rw.w0, rw.w1)
-        feat_rows = None
         for cw in cols:
-          window = jnp.asarray(band[None, :, cw.w0:cw.w1])
+          window = jnp.asarray(store.read_window(rw.w0, rw.w1, cw.w0, cw.w1)[None])
           r = ((rw.c0 - rw.w0) // f, (rw.c1 - rw.w0) // f)
           c = ((cw.c0 - cw.w0) // f, (cw.c1 - cw.w0) // f)
           st, feat = stats_fn(model.encoder_params, window, jnp.asarray(r), jnp.asarray(c))
@@ -285,13 +304,9 @@ class TiledStylizer:
             core = np.asarray(feat[0, r[0]:r[1], c[0]:c[1]])
             if feats is None:
               feats = ImageStore(store.height // f, store.width // f,
-                                 self._use_disk(store.height, store.width, core.shape[-1]),
+                                 self.use_disk(store.height, store.width, core.shape[-1]),
                                  self.temp_dir, channels=core.shape[-1])
-            if feat_rows is None:
-              feat_rows = np.empty((r[1] - r[0], feats.width, feats.channels), np.float32)
-            feat_rows[:, cw.c0 // f:cw.c1 // f] = core
-        if feat_rows is not None:
-          feats.write_rows(rw.c0 // f, feat_rows)
+            feats.write_window(rw.c0 // f, cw.c0 // f, core)
     stats = wct.merge_stats(parts)
     return (stats, feats) if keep_features else stats
 
@@ -329,7 +344,7 @@ class TiledStylizer:
     store = content if isinstance(content, ImageStore) else None
     if store is None:
       content = np.asarray(content)
-      store = ImageStore.from_array(content, self._use_disk(*content.shape[:2]), self.temp_dir)
+      store = ImageStore.from_array(content, self.use_disk(*content.shape[:2]), self.temp_dir)
     for k in levels:
       t0 = time.perf_counter()
       store = self.level(k, store, styles, alpha, weights, progress)
@@ -337,7 +352,7 @@ class TiledStylizer:
         callback(k, time.perf_counter() - t0)
     return store
 
-  def _use_disk(self, height, width, channels=3):
+  def use_disk(self, height, width, channels=3):
     """Whether a level's image (or features of ``channels`` per pooled cell) go to a file."""
     if self.on_disk is not None:
       return self.on_disk
@@ -365,7 +380,7 @@ class TiledStylizer:
 
     # Pass 2: decode (from the kept features, or re-encoding) tile by tile.
     height, width = (store.height // f) * f, (store.width // f) * f
-    out = ImageStore(height, width, self._use_disk(height, width), self.temp_dir)
+    out = ImageStore(height, width, self.use_disk(height, width), self.temp_dir)
     model = self.stylizer.levels[k]
     _, transform, decode = self._programs[k]
     if feats is not None:
@@ -378,17 +393,15 @@ class TiledStylizer:
     cols = windows_1d(source.width, self.tile // scale, halo, f // scale)
     done, total = 0, len(rows) * len(cols)
     for rw in rows:
-      band = source.read_rows(rw.w0, rw.w1)
-      out_rows = np.empty(((rw.c1 - rw.c0) * scale, width, 3), np.float32)
       for cw in cols:
-        result = np.asarray(run(jnp.asarray(band[None, :, cw.w0:cw.w1])))
-        out_rows[:, cw.c0 * scale:cw.c1 * scale] = result[
+        window = source.read_window(rw.w0, rw.w1, cw.w0, cw.w1)
+        result = np.asarray(run(jnp.asarray(window[None])))
+        out.write_window(rw.c0 * scale, cw.c0 * scale, result[
             0, (rw.c0 - rw.w0) * scale:(rw.c1 - rw.w0) * scale,
-            (cw.c0 - cw.w0) * scale:(cw.c1 - cw.w0) * scale]
+            (cw.c0 - cw.w0) * scale:(cw.c1 - cw.w0) * scale])
         done += 1
         if progress is not None:
           progress(k, "decode", done, total)
-      out.write_rows(rw.c0 * scale, out_rows)
     store.close()
     if feats is not None:
       feats.close()
