@@ -1,0 +1,83 @@
+"""Shared pieces of the ml-collections configs in ``configs/``.
+
+Config files call ``parse_arg`` on their ``get_config(arg)`` string and build on
+``trainer_defaults`` / ``images_input``; every field is commented where it is
+set. Nothing here derives one field from another: derived values go stale when
+a field is overridden on the command line, so the trainer derives them.
+"""
+import ml_collections
+
+
+def parse_arg(arg, **defaults):
+  """Parses ``'stage=3,runlocal'`` into a ConfigDict, typed like ``defaults``.
+
+  A bare name sets a boolean to True. Unknown names are an error.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    name, _, value = item.partition("=")
+    if name not in defaults:
+      raise ValueError(f"unknown config argument {name!r}; known: {sorted(defaults)}")
+    default = defaults[name]
+    if isinstance(default, bool):
+      out[name] = value.lower() in ("", "1", "true", "yes")
+    elif isinstance(default, int):
+      out[name] = int(value)
+    elif isinstance(default, float):
+      out[name] = float(value)
+    else:
+      out[name] = value
+  return out
+
+
+def trainer_defaults(config):
+  """Adds the fields every training config shares (paper defaults of CD)."""
+  config.seed = 0  # PRNG seed: parameter init, data order and augmentation.
+  config.batch_size = 16  # Global batch (all devices, all hosts). Paper: 16.
+  config.num_epochs = 20.0  # Training length in epochs (paper: 20) ...
+  config.total_steps = -1  # ... unless this is positive: then exactly this many steps.
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adam"  # 'adam' | 'sgd'. Paper: Adam.
+  config.optimizer.learning_rate = 1e-4  # Base learning rate. Paper: 1e-4, no schedule.
+  config.optimizer.b1 = 0.9  # Adam beta1 (PyTorch default).
+  config.optimizer.b2 = 0.999  # Adam beta2 (PyTorch default).
+  config.optimizer.eps = 1e-8  # Adam epsilon (PyTorch default).
+  config.optimizer.momentum = 0.9  # SGD momentum (used when name='sgd').
+  config.optimizer.nesterov = False  # SGD Nesterov momentum.
+  config.optimizer.weight_decay = 0.0  # Coupled L2 (PyTorch weight_decay) on all params.
+
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.name = "constant"  # 'constant' | 'piecewise' | 'cosine'.
+  config.schedule.boundaries = ()  # Epochs at which 'piecewise' multiplies the rate ...
+  config.schedule.decay = 0.1  # ... by this factor.
+
+  config.mesh = (("data", -1),)  # Device mesh (axis, size); -1 = all devices. Data parallel.
+  config.log_every = 50  # Steps between metric lines (JSONL + console).
+  config.checkpoint_every = 1000  # Steps between checkpoints (also saved at the end/on SIGTERM).
+  config.keep_checkpoints = 3  # How many of the newest checkpoints to keep ...
+  config.keep_every = 0  # ... plus every checkpoint at a multiple of this step (0: none).
+  config.eval_every = 0  # Steps between held-out evaluations (0: never; tasks that have one).
+  config.eval_batch_size = 0  # Eval batch (0: batch_size).
+  config.weights_dir = ""  # Model-zoo folder for 'cd16x'/'cd16x_base' ('' = $CDFT_WEIGHTS_DIR).
+  return config
+
+
+def images_input(manual_dir, crop=256, shorter_side=300):
+  """``config.input`` for a folder of images with the paper's preprocessing."""
+  inp = ml_collections.ConfigDict()
+  inp.dataset = "image_folder"  # 'image_folder' (TFDS builder over manual_dir) | 'coco'.
+  inp.manual_dir = manual_dir  # Folder of training images (image_folder).
+  inp.data_dir = ""  # TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets).
+  inp.split = "train"  # Split to train on.
+  inp.preprocess = "cd_train"  # Preprocessing (cdft.data.preprocess registry).
+  inp.pp = ml_collections.ConfigDict()
+  inp.pp.shorter_side = shorter_side  # Resize so the shorter side is this (paper: 300) ...
+  inp.pp.crop = crop  # ... then a random square crop of this size (paper: 256) ...
+  inp.pp.flip = True  # ... and a random horizontal flip (paper: yes).
+  return inp

@@ -1,0 +1,277 @@
+"""The three training steps of Collaborative Distillation (spec cd.md §3).
+
+1. :class:`DecoderTask` (``cd_decoder``): a decoder for the frozen stage-k
+   normalized VGG-19, loss (1) = pixel + λ_p·perceptual.
+2. :class:`StudentEncoderTask` (``cd_student``): the 16x student encoder and
+   its linear embeddings Q_i by *collaborative distillation*: the embedded last
+   student feature Q_k·F′_k must drive the frozen teacher decoder (loss (1) on
+   its reconstruction) and every embedded relu_i_1 must match the teacher's
+   (β·Σ‖F_i − Q_i·F′_i‖²). ``distill.method`` selects the paper's ablation.
+3. :class:`SmallDecoderTask` (``cd_small_decoder``): the small decoder of the
+   frozen student encoder, loss (1) with the teacher VGG as perceptual network.
+
+Weights are named by strings in the config (see :func:`load_weights`).
+"""
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cdft import losses
+from cdft import models
+from cdft.errors import CdftError
+
+METHODS = ("collaborative", "embedding_only", "reconstruction_only")
+
+
+def _probe(stage):
+  # The smallest input that reaches relu{stage}_1 with at least 2x2 positions.
+  side = 2 ** stage
+  return np.zeros((1, side, side, 3), np.float32)
+
+
+def _random_params(module, x, seed):
+  return jax.device_get(module.init(jax.random.key(seed), x)["params"])
+
+
+def _workdir_params(path, key, what):
+  from cdft.training import checkpointing  # pylint: disable=import-outside-toplevel
+  params, cfg = checkpointing.restore_params(path)
+  if key not in params:
+    raise CdftError(f"{path}: the run (task {cfg.get('task')!r}) has no {key!r} parameters "
+                    f"to use as {what}")
+  return params[key]
+
+
+def _expand(spec):
+  return pathlib.Path(os.path.expanduser(str(spec)))
+
+
+def load_weights(spec, kind, stage, preset, seed=0, weights_dir=None):
+  """Parameters of one network, named by a config string.
+
+  Args:
+    spec: one of
+      ``'random'`` (fresh Flax init from ``seed``),
+      a ``.msgpack`` normalized VGG-19 (``cdft-weights normalize-vgg``; encoders),
+      a ``.t7`` file of the original WCT release (``vgg_normalised_conv{k}_1.t7``
+      for encoders, ``feature_invertor_conv{k}_1.t7`` for decoders),
+      ``'cd16x'`` / ``'cd16x_base'`` (the released students / their pruned
+      initialisations, from the model zoo),
+      or the workdir of an earlier cdft training run.
+    kind: ``'encoder'``, ``'decoder'`` or ``'embedding'``.
+    stage: 1..5.
+    preset: width preset of the network ('vgg19' or '16x').
+    seed: for ``'random'``.
+    weights_dir: zoo folder for ``cd16x*`` (default $CDFT_WEIGHTS_DIR).
+
+  Returns:
+    the Flax param tree (host numpy).
+  """
+  if spec == "random":
+    if kind == "embedding":
+      enc = models.get_model("encoder", stage, preset)
+      x = _probe(stage)
+      feats = jax.eval_shape(lambda: enc.init_with_output(
+          jax.random.key(0), x, return_all=True)[0])
+      dummy = tuple(np.zeros(f.shape, np.float32) for f in feats)
+      return _random_params(models.get_model("embedding", stage, preset), dummy, seed)
+    module = models.get_model(kind, stage, preset)
+    if kind == "encoder":
+      return _random_params(module, _probe(stage), seed)
+    enc = models.get_model("encoder", stage, preset)
+    feat = jax.eval_shape(lambda: enc.init_with_output(jax.random.key(0), _probe(stage))[0])
+    return _random_params(module, np.zeros(feat.shape, np.float32), seed)
+  if spec in ("cd16x", "cd16x_base"):
+    from cdft.weights import pretrained  # pylint: disable=import-outside-toplevel
+    if preset != "16x":
+      raise CdftError(f"{spec!r} weights are 16x students, but the network has preset {preset!r}")
+    load = pretrained.load_cd16x if spec == "cd16x" else pretrained.load_cd16x_base
+    trees = load(stage, weights_dir=weights_dir)
+    if kind not in trees:
+      raise CdftError(f"{spec!r} has no {kind} weights")
+    return trees[kind]
+  path = _expand(spec)
+  if path.is_dir():
+    return _workdir_params(path, kind, f"the {kind}")
+  if not path.is_file():
+    raise CdftError(f"{spec}: no such weights file or training workdir (for the stage-{stage} "
+                    f"{kind}; see README 'Training')")
+  if path.suffix == ".msgpack":
+    if kind != "encoder":
+      raise CdftError(f"{path}: a normalized VGG-19 file holds encoders only, not a {kind}")
+    from cdft.weights import normalize  # pylint: disable=import-outside-toplevel
+    return normalize.load_encoder(path, stage)["params"]
+  if path.suffix == ".t7":
+    from cdft.weights import pretrained  # pylint: disable=import-outside-toplevel
+    if kind == "encoder":
+      return pretrained.load_vgg19_t7(stage, path)["encoder"]
+    if kind == "decoder":
+      # The decoder file is read against the stage's encoder shapes only.
+      return _t7_decoder(stage, path)
+  raise CdftError(f"{path}: cannot load a {kind} from a {path.suffix or 'suffix-less'} file "
+                  "(.msgpack, .t7, 'random', 'cd16x', 'cd16x_base' or a workdir)")
+
+
+def _t7_decoder(stage, path):
+  """A ``feature_invertor_conv{k}_1.t7`` decoder of the original WCT release."""
+  from cdft.weights import convert, t7  # pylint: disable=import-outside-toplevel
+  enc = models.get_model("encoder", stage, "vgg19")
+  feat = jax.eval_shape(lambda: enc.init_with_output(jax.random.key(0), _probe(stage))[0])
+  abstract = convert.abstract_params(models.get_model("decoder", stage, "vgg19"), feat)
+  return convert.from_sequential_convs(t7.sequential_convs(path), abstract,
+                                       models.vgg.decoder_layer_names(stage), str(path))
+
+
+def _pruned(teacher_params, kind, stage):
+  from cdft.weights import prune  # pylint: disable=import-outside-toplevel
+  widths = models.vgg.stage_widths("16x", stage)
+  if kind == "encoder":
+    return prune.prune_encoder(teacher_params, stage, widths)
+  return prune.prune_decoder(teacher_params, stage, widths)
+
+
+def _as_device(tree):
+  return jax.tree.map(jnp.asarray, tree)
+
+
+class _StyleTask:
+  """Shared pieces: the frozen teacher encoder and the reconstruction loss."""
+
+  def __init__(self, config):
+    self.config = config
+    self.stage = int(config.stage)
+    if self.stage not in (1, 2, 3, 4, 5):
+      raise CdftError(f"config.stage must be 1..5, got {config.stage}")
+    t = config.teacher
+    self.teacher_encoder = models.get_model("encoder", self.stage, t.preset)
+    self.frozen = {"teacher_encoder": load_weights(
+        t.encoder, "encoder", self.stage, t.preset, seed=config.seed + 101,
+        weights_dir=config.weights_dir or None)}
+
+  def _teacher_feats(self, frozen, x):
+    return self.teacher_encoder.apply({"params": frozen["teacher_encoder"]}, x, return_all=True)
+
+  def _reconstruction(self, frozen, rec, image, target_feats):
+    loss_cfg = self.config.loss
+    return losses.reconstruction(rec, image, self._teacher_feats(frozen, rec), target_feats,
+                                 loss_cfg.pixel, loss_cfg.perceptual)
+
+
+class DecoderTask(_StyleTask):
+  """Step 1: train a decoder of the frozen teacher encoder (``cd_decoder``)."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.decoder = models.get_model("decoder", self.stage, config.teacher.preset)
+
+  def init(self, rng, batch):
+    del batch
+    seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
+    init = self.config.init
+    params = load_weights(init, "decoder", self.stage, self.config.teacher.preset, seed=seed,
+                          weights_dir=self.config.weights_dir or None)
+    return {"params": {"decoder": params}, "model_state": {}}
+
+  def loss(self, params, model_state, frozen, batch, rng):
+    del rng
+    image = batch["image"]
+    feats = jax.lax.stop_gradient(self._teacher_feats(frozen, image))
+    rec = self.decoder.apply({"params": params["decoder"]}, feats[-1])
+    loss, metrics = self._reconstruction(frozen, rec, image, feats)
+    return loss, (metrics, model_state)
+
+
+class StudentEncoderTask(_StyleTask):
+  """Step 2: distil the 16x student encoder (``cd_student``)."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    method = config.distill.method
+    if method not in METHODS:
+      raise CdftError(f"config.distill.method: unknown method {method!r}; choose from "
+                      f"{', '.join(METHODS)}")
+    self.method = method
+    s = config.student
+    self.encoder = models.get_model("encoder", self.stage, s.preset)
+    self.embedding = models.get_model("embedding", self.stage, s.preset)
+    self.teacher_decoder = models.get_model("decoder", self.stage, config.teacher.preset)
+    if method != "embedding_only":
+      self.frozen["teacher_decoder"] = load_weights(
+          config.teacher.decoder, "decoder", self.stage, config.teacher.preset,
+          seed=config.seed + 102, weights_dir=config.weights_dir or None)
+
+  def init(self, rng, batch):
+    del batch
+    s = self.config.student
+    seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
+    wdir = self.config.weights_dir or None
+    if s.init == "pruned":
+      encoder = _pruned(self.frozen["teacher_encoder"], "encoder", self.stage)
+    else:
+      encoder = load_weights(s.init, "encoder", self.stage, s.preset, seed=seed,
+                             weights_dir=wdir)
+    # The embedding heads Q_i start fresh, as in the official pruning tool
+    # (the *_aux tensors of the base files are PyTorch's default init).
+    embedding = load_weights("random", "embedding", self.stage, s.preset, seed=seed + 1)
+    return {"params": {"encoder": encoder, "embedding": embedding}, "model_state": {}}
+
+  def loss(self, params, model_state, frozen, batch, rng):
+    del rng
+    d = self.config.distill
+    image = batch["image"]
+    t_feats = jax.lax.stop_gradient(self._teacher_feats(frozen, image))
+    s_feats = self.encoder.apply({"params": params["encoder"]}, image, return_all=True)
+    embedded = self.embedding.apply({"params": params["embedding"]}, s_feats)
+    metrics = {}
+    loss = 0.0
+    if self.method != "reconstruction_only":
+      feat = losses.embedding(embedded, t_feats)
+      metrics["embedding"] = feat
+      loss = loss + d.beta * feat
+    if self.method != "embedding_only":
+      # The collaborative path: the frozen teacher decoder reads Q_k·F′_k.
+      rec = self.teacher_decoder.apply({"params": frozen["teacher_decoder"]}, embedded[-1])
+      rec_loss, rec_metrics = self._reconstruction(frozen, rec, image, t_feats)
+      metrics.update(rec_metrics)
+      loss = loss + rec_loss
+    return loss, (metrics, model_state)
+
+
+class SmallDecoderTask(_StyleTask):
+  """Step 3: train the small decoder of the frozen student (``cd_small_decoder``)."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    s = config.student
+    self.encoder = models.get_model("encoder", self.stage, s.preset)
+    self.decoder = models.get_model("decoder", self.stage, s.preset)
+    self.frozen["student_encoder"] = load_weights(
+        s.encoder, "encoder", self.stage, s.preset, seed=config.seed + 103,
+        weights_dir=config.weights_dir or None)
+
+  def init(self, rng, batch):
+    del batch
+    s = self.config.student
+    seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
+    if s.init == "pruned":
+      teacher_decoder = load_weights(self.config.teacher.decoder, "decoder", self.stage,
+                                     self.config.teacher.preset, seed=self.config.seed + 102,
+                                     weights_dir=self.config.weights_dir or None)
+      decoder = _pruned(teacher_decoder, "decoder", self.stage)
+    else:
+      decoder = load_weights(s.init, "decoder", self.stage, s.preset, seed=seed,
+                             weights_dir=self.config.weights_dir or None)
+    return {"params": {"decoder": decoder}, "model_state": {}}
+
+  def loss(self, params, model_state, frozen, batch, rng):
+    del rng
+    image = batch["image"]
+    t_feats = jax.lax.stop_gradient(self._teacher_feats(frozen, image))
+    s_feat = jax.lax.stop_gradient(
+        self.encoder.apply({"params": frozen["student_encoder"]}, image))
+    rec = self.decoder.apply({"params": params["decoder"]}, s_feat)
+    loss, metrics = self._reconstruction(frozen, rec, image, t_feats)
+    return loss, (metrics, model_state)

@@ -1,0 +1,254 @@
+"""The one training loop of cdft.
+
+``run(config, workdir)`` trains ``config.task`` (see :mod:`cdft.tasks`) with
+data parallelism over a device mesh: a ``jax.jit`` step whose state is
+replicated and whose batch is sharded along ``'data'`` (``NamedSharding``); on
+several hosts every process feeds its own part of each global batch. The
+per-step randomness is ``fold_in(key, step)``, and the data order depends only
+on (seed, step), so a restarted run continues exactly where it stopped.
+
+Around the step: orbax checkpoints (resume, keep policy, config beside each),
+``config.json`` in the workdir, metrics as JSONL on process 0 with console
+progress and throughput, a NaN/Inf guard that stops before a bad state is ever
+saved, and SIGTERM/SIGINT handling that saves and exits cleanly.
+"""
+import signal
+import threading
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from cdft import tasks
+from cdft.errors import CdftError
+from cdft.training import checkpointing
+from cdft.training import metrics as metrics_lib
+from cdft.training import optim
+from cdft.training import sharding
+
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT (preemption, Ctrl-C); the loop saves and exits."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def should_stop(self, step, every):
+    """Whether to stop after ``step``.
+
+    One process: as soon as it is signalled. Several: all agree, checked every
+    ``every`` steps with a collective, so they save the same step together.
+    """
+    mine = self.signal is not None
+    if jax.process_count() == 1:
+      return mine
+    if step % every:
+      return False
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return bool(np.any(multihost_utils.process_allgather(np.array(mine))))
+
+
+def make_input(input_cfg, *, global_batch_size, seed, start_step, train=True):
+  """This process's data iterator for ``config.input`` (see :mod:`cdft.data`)."""
+  from cdft.data import pipeline, preprocess, sources  # pylint: disable=import-outside-toplevel
+  source = sources.get_source(input_cfg.dataset, input_cfg.split,
+                              data_dir=input_cfg.data_dir or None,
+                              manual_dir=input_cfg.manual_dir or None)
+  fn = preprocess.get_preprocess(input_cfg.preprocess, **input_cfg.pp.to_dict())
+  if train:
+    return pipeline.make_train_iterator(
+        source, fn, global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+        process_index=jax.process_index(), process_count=jax.process_count())
+  return pipeline.make_eval_iterator(
+      source, fn, batch_size=global_batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+
+def total_steps(config, steps_per_epoch):
+  """``config.total_steps`` if positive, else ``config.num_epochs`` epochs."""
+  if config.total_steps > 0:
+    return int(config.total_steps)
+  if config.num_epochs <= 0:
+    raise CdftError("set config.total_steps or config.num_epochs to a positive value")
+  return int(round(config.num_epochs * steps_per_epoch))
+
+
+def _make_train_step(task, tx, schedule, seed):
+  def train_step(state, frozen, batch):
+    step = state["step"]
+    # Built inside the program, so every host has it without a transfer.
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), step)
+
+    def loss_fn(params):
+      return task.loss(params, state["model_state"], frozen, batch, rng)
+
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   learning_rate=schedule(step))
+    new_state = {"step": step + 1, "params": params, "opt_state": opt_state,
+                 "model_state": model_state}
+    return new_state, metrics
+  return train_step
+
+
+def _evaluate(task, eval_fn, state, frozen, config, mesh):
+  """Sums of ``task.evaluate`` over one pass of the eval split, divided by the count."""
+  it = make_input(task.eval_input, global_batch_size=config.eval_batch_size or config.batch_size,
+                  seed=config.seed, start_step=0, train=False)
+  totals = None
+  for local in it:
+    out = eval_fn(state["params"], state["model_state"], frozen,
+                  sharding.global_batch(local, mesh))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  count = float(totals.pop("count"))
+  return {f"eval/{k}": float(v) / max(count, 1.0) for k, v in totals.items()}
+
+
+def run(config, workdir, stream=None):
+  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint).
+
+  Args:
+    config: an ``ml_collections.ConfigDict`` (see ``configs/``).
+    workdir: the run's directory: ``config.json``, ``metrics.jsonl``, ``checkpoints/``.
+    stream: where progress goes (default stdout).
+
+  Returns:
+    dict with ``step`` (the last step done), ``params`` and ``model_state``
+    (host numpy) and ``metrics`` (the last logged ones), ``preempted`` (bool).
+
+  Raises:
+    metrics.DivergenceError: a non-finite loss or gradient (nothing is saved).
+    CdftError: bad configuration or input.
+  """
+  workdir = checkpointing.workdir_path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  config_dict = config.to_dict()
+  checkpointing.write_config(workdir, config_dict)
+
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.batch_size, mesh)
+  repl = sharding.replicated(mesh)
+  task = tasks.get_task(config)
+
+  manager = checkpointing.make_manager(workdir, config.checkpoint_every, config.keep_checkpoints,
+                                       config.keep_every)
+  start_step = manager.latest_step() or 0
+  data = make_input(config.input, global_batch_size=config.batch_size, seed=config.seed,
+                    start_step=start_step)
+  steps_per_epoch = max(data.steps_per_epoch, 1)
+  n_steps = total_steps(config, steps_per_epoch)
+  schedule = optim.make_schedule(config.schedule, config.optimizer.learning_rate,
+                                 steps_per_epoch, n_steps)
+  tx = optim.make_optimizer(config.optimizer, schedule)
+
+  first = next(data)
+  # Host values, identical on every process, placed straight into the global sharding.
+  init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
+  host_state = jax.device_get(task.init(init_key, first))
+  params = jax.device_put(host_state["params"], repl)
+  state = {
+      "step": jax.device_put(np.zeros((), np.int32), repl),
+      "params": params,
+      "opt_state": jax.jit(tx.init, out_shardings=repl)(params),
+      "model_state": jax.device_put(host_state["model_state"], repl),
+  }
+  if start_step:
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    state, start_step = checkpointing.restore_latest(manager, abstract)
+  frozen = jax.device_put(jax.device_get(task.frozen), repl)
+
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  train_step = jax.jit(_make_train_step(task, tx, schedule, config.seed),
+                       in_shardings=(state_sh, repl, sharding.batch_sharding(mesh)),
+                       out_shardings=(state_sh, repl), donate_argnums=(0,))
+  eval_fn = None
+  if getattr(task, "evaluate", None) and config.get("eval_every", 0):
+    eval_fn = jax.jit(task.evaluate)
+
+  writer = metrics_lib.MetricWriter(workdir, n_steps, config.batch_size, stream)
+  writer.info(f"{config.task}: steps {start_step}->{n_steps} ({steps_per_epoch} per epoch, "
+              f"{data.num_examples} examples), batch {config.batch_size} over "
+              f"{sharding.data_size(mesh)} devices / {jax.process_count()} processes, "
+              f"workdir {workdir}")
+  last_good = start_step
+  logged = {}
+  pending = None
+  preempted = False
+  step = start_step
+  batch = first
+  try:
+    with _StopFlag() as stop:
+      while step < n_steps:
+        state, metrics = train_step(state, frozen, sharding.global_batch(batch, mesh))
+        step += 1
+        if pending is not None:  # fetched one step late: the device stays busy
+          logged = dict(jax.device_get(pending[1]), data_skipped=data.skipped)
+          metrics_lib.check_finite(logged, pending[0], last_good)
+          writer.write(pending[0], logged)
+          pending = None
+        if step == start_step + 1:
+          writer.start_timer(step)  # throughput excludes compilation
+        if step % config.log_every == 0 or step == n_steps:
+          pending = (step, metrics)
+        stopping = stop.should_stop(step, config.log_every)
+        if eval_fn is not None and (step % config.eval_every == 0 or step == n_steps):
+          writer.write(step, _evaluate(task, eval_fn, state, frozen, config, mesh), timing=False)
+        if step % config.checkpoint_every == 0 or step == n_steps or stopping:
+          now = jax.device_get({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]})
+          metrics_lib.check_finite(now, step, last_good)
+          checkpointing.save(manager, step, state, config_dict, force=True)
+          last_good = step
+          writer.start_timer(step)  # throughput excludes checkpointing
+        if stopping:
+          preempted = True
+          writer.info(f"signal received: saved step {step} in {workdir}; exiting (rerun the "
+                      "same command to resume)")
+          break
+        if step < n_steps:
+          batch = next(data)
+    if pending is not None:
+      logged = dict(jax.device_get(pending[1]), data_skipped=data.skipped)
+      metrics_lib.check_finite(logged, pending[0], last_good)
+      writer.write(pending[0], logged)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    close = getattr(data, "close", None)
+    if close is not None:
+      close()
+  return {"step": step, "params": jax.device_get(state["params"]),
+          "model_state": jax.device_get(state["model_state"]), "metrics": logged,
+          "preempted": preempted}
+
+
+def load_config_json(workdir):
+  """The ``config.json`` of a run as a ConfigDict."""
+  import json  # pylint: disable=import-outside-toplevel
+  path = checkpointing.workdir_path(workdir) / "config.json"
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+

@@ -1,0 +1,78 @@
+"""Data-parallel sharding over a device mesh (single- and multi-host).
+
+The mesh comes from the config as ``((axis_name, size), ...)``; a size of -1
+takes all remaining devices. Parameters and optimizer state are replicated; the
+batch is split along its leading axis over the ``'data'`` axis. Each process
+feeds only its own part of the global batch
+(:func:`global_batch`), so the same code runs on one CPU with 8 fake devices and
+on a multi-host GPU/TPU pod.
+"""
+import math
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cdft.errors import CdftError
+
+DATA_AXIS = "data"
+
+
+def make_mesh(axes, devices=None):
+  """A mesh from ``((name, size), ...)``; one size may be -1 (all remaining devices).
+
+  Raises:
+    CdftError: sizes that do not multiply to the device count, or no 'data' axis.
+  """
+  devices = jax.devices() if devices is None else devices
+  names = tuple(str(name) for name, _ in axes)
+  sizes = [int(size) for _, size in axes]
+  if DATA_AXIS not in names:
+    raise CdftError(f"config.mesh needs a {DATA_AXIS!r} axis, got {names}")
+  if sizes.count(-1) > 1:
+    raise CdftError(f"config.mesh: at most one axis may be -1, got {tuple(axes)}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise CdftError(f"config.mesh {tuple(axes)}: {len(devices)} devices are not divisible "
+                      f"by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise CdftError(f"config.mesh {tuple(axes)} needs {math.prod(sizes)} devices, "
+                    f"{len(devices)} are available")
+  return jax.make_mesh(tuple(sizes), names, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def replicated(mesh):
+  """Sharding of parameters and optimizer state: a full copy on every device."""
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh):
+  """Sharding of a batch: leading axis split over the data axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def data_size(mesh):
+  """Number of data-parallel shards (devices along the 'data' axis)."""
+  return mesh.shape[DATA_AXIS]
+
+
+def check_batch_size(global_batch_size, mesh):
+  """Raises a clear error when the batch cannot be split evenly over devices and hosts."""
+  n = data_size(mesh)
+  if global_batch_size % n:
+    raise CdftError(f"batch_size {global_batch_size} is not divisible by the {n} devices "
+                    "of the data axis")
+  if global_batch_size % jax.process_count():
+    raise CdftError(f"batch_size {global_batch_size} is not divisible by the "
+                    f"{jax.process_count()} processes")
+
+
+def global_batch(local_batch, mesh):
+  """Assembles this process's part of the batch (numpy dict) into global jax Arrays."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

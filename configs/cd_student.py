@@ -1,0 +1,61 @@
+r"""Step 2 of Collaborative Distillation: the 16x student encoder.
+
+The student SE_k (16/32/64/128/128 filters, L1-pruned from the teacher) and its
+linear embeddings Q_i are trained so that (spec cd.md §3.3):
+- every embedded relu_i_1 matches the teacher's: β·Σ_i MSE(Q_i·F′_i, F_i);
+- the frozen teacher decoder of step 1, fed Q_k·F′_k, reconstructs the image:
+  pixel + λ_p·perceptual (the *collaborative* term).
+``distill.method`` picks the paper's ablation (Fig. 6): 'collaborative' (both),
+'embedding_only', 'reconstruction_only'.
+
+  python launch/train.py --config configs/cd_student.py:stage=3 \
+      --workdir runs/cd_student_stage3 --config.input.manual_dir=data/COCO/train2014 \
+      --config.teacher.decoder=runs/cd_decoder_stage3
+
+Arguments: ``stage=1..5`` (default 5), ``runlocal``.
+"""
+import ml_collections
+
+from cdft import configlib
+
+DEFAULT_TEACHER = "~/.cache/cdft/vgg19_normalized.msgpack"
+
+
+def get_config(arg=None):
+  """The config; ``arg`` like ``'stage=3,runlocal'``."""
+  a = configlib.parse_arg(arg, stage=5, runlocal=False)
+  config = ml_collections.ConfigDict()
+  config.task = "cd_student"  # cdft.tasks registry name.
+  config.stage = a.stage  # Stage k: the student encodes up to relu{k}_1.
+  configlib.trainer_defaults(config)
+  config.input = configlib.images_input("data/COCO/train2014")  # Paper: COCO train2014.
+
+  config.teacher = ml_collections.ConfigDict()
+  config.teacher.encoder = DEFAULT_TEACHER  # Frozen VGG-19: .msgpack | .t7 | 'random'.
+  config.teacher.preset = "vgg19"  # Width preset of the teacher encoder/decoder.
+  # Frozen teacher decoder (step 1): its workdir, a .t7 decoder, or 'random'.
+  config.teacher.decoder = f"runs/cd_decoder_stage{a.stage}"
+
+  config.student = ml_collections.ConfigDict()
+  config.student.preset = "16x"  # Width preset of the student.
+  # Student init: 'pruned' (L1-largest filters of the teacher, paper), 'cd16x_base'
+  # (the released pruned files), 'cd16x' (the released students), 'random', a workdir.
+  config.student.init = "pruned"
+
+  config.distill = ml_collections.ConfigDict()
+  config.distill.method = "collaborative"  # 'collaborative' | 'embedding_only' | 'reconstruction_only'.
+  config.distill.beta = 10.0  # β, weight of the embedding loss. Paper: 10.
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.pixel = 1.0  # Weight of the reconstruction's pixel MSE. Paper: 1.
+  config.loss.perceptual = 1.0  # λ_p of the reconstruction. Paper: 1.
+
+  if a.runlocal:
+    config.batch_size = 8  # Fits 2 CPU cores.
+    config.total_steps = 300  # A few minutes of CPU.
+    config.input.manual_dir = "../shared/images/content"  # Real photos beside the repo.
+    config.input.pp.shorter_side = 144  # Smaller images ...
+    config.input.pp.crop = 128  # ... and crops.
+    config.log_every = 10  # More frequent progress.
+    config.checkpoint_every = 100  # Resume points.
+  return config

@@ -1,0 +1,47 @@
+r"""Trains any cdft config: the one entry point of the one trainer.
+
+  python launch/train.py --config configs/cd_decoder.py:stage=3,runlocal \
+      --workdir runs/cd_decoder_stage3
+
+Rerunning the same command resumes from the workdir's latest checkpoint. On
+several hosts add ``--distributed`` (TPU pods and SLURM are auto-detected by
+``jax.distributed.initialize``; elsewhere pass ``--coordinator_address``,
+``--num_processes`` and ``--process_id``). See launch/slurm_gpu.sh and
+launch/tpu_vm_pod.sh.
+"""
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/*.py[:args]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (when not auto-detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=import-outside-toplevel
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  from cdft import train  # pylint: disable=import-outside-toplevel
+  from cdft.errors import CdftError  # pylint: disable=import-outside-toplevel
+  try:
+    result = train.run(_CONFIG.value, _WORKDIR.value)
+  except CdftError as e:
+    print(f"train: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if result["preempted"]:
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+  app.run(main)
