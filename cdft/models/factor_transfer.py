@@ -1,0 +1,303 @@
+"""Factor Transfer (Kim et al., NeurIPS 2018) and the standard KD baselines.
+
+Modules (official code, spec ft.md §1.1-1.2; no BatchNorm, bias everywhere,
+LeakyReLU with slope **0.1** after every layer, all convs 3x3 stride 1 pad 1 so
+H x W never changes):
+
+* :class:`Paraphraser`: encoder ``conv0`` (m->m), ``conv1`` (m->f), ``conv2``
+  (f->f) gives the teacher factor, f = round(m * rate); decoder ``deconv0``
+  (f->f), ``deconv1`` (f->m), ``deconv2`` (m->m) reconstructs the input. The
+  decoder layers are PyTorch ``ConvTranspose2d(3, stride 1, pad 1)``, which is
+  exactly a padded conv with the flipped, transposed kernel, so they are plain
+  ``nn.Conv`` here (the weight converter does the flip).
+* :class:`Translator`: the student-side encoder, m_s -> m_s -> f -> f.
+
+Channel counts are arguments: the same modules work on any feature map (CIFAR
+ResNet ``layer3``, a VGG ``relu{k}_1`` map ...). Initialisation is PyTorch's
+default (the official code has no custom init).
+
+Losses, pure functions on NHWC arrays (the teacher side is wrapped in
+``stop_gradient``: teachers, paraphrasers and their factors are constants):
+
+* :func:`ft_loss`: the official FT loss, mean |FT(s) - FT(t)|; the caller
+  multiplies by beta (500 in the official CIFAR-10 code).
+* :func:`kd_loss`: Hinton KD, T^2 * KL(softmax(t/T) || softmax(s/T)).
+* :class:`HintRegressor` + :func:`hint_loss`: FitNets.
+* :func:`attention_map` + :func:`attention_transfer_loss`: attention transfer.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cdft.errors import CdftError
+from cdft.models.norm import BatchNorm
+from cdft.models.resnet import pytorch_bias_init, pytorch_kernel_init
+
+LEAKY_SLOPE = 0.1  # nn.LeakyReLU(0.1) in the official code (jax's default is 0.01)
+NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize
+
+# PyTorch's ConvTranspose2d init takes fan_in from weight.size(1) * k * k, the
+# *output* channels: on the equivalent HWIO conv kernel that is fan_out.
+_deconv_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
+
+
+def _leaky(x):
+  return jax.nn.leaky_relu(x, LEAKY_SLOPE)
+
+
+def _conv3x3(features, fan_in, name, dtype, kernel_init=pytorch_kernel_init):
+  return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=True,
+                 kernel_init=kernel_init, bias_init=pytorch_bias_init(fan_in),
+                 dtype=dtype, name=name)
+
+
+def _check_channels(x, channels, who):
+  if x.ndim != 4 or x.shape[-1] != channels:
+    raise CdftError(f"{who} expects NHWC input with {channels} channels, "
+                    f"got shape {tuple(x.shape)}")
+
+
+def factor_channels(in_channels, rate=0.5):
+  """Factor width of the official code: ``int(round(in_channels * rate))``."""
+  f = int(round(in_channels * rate))
+  if in_channels < 1 or f < 1:
+    raise CdftError(f"paraphrase rate {rate} on {in_channels} channels gives "
+                    f"{f} factor channels; need at least 1")
+  return f
+
+
+class Paraphraser(nn.Module):
+  """Convolutional autoencoder over a teacher feature map.
+
+  ``apply(v, x)`` reconstructs ``x`` (official mode 0);
+  ``apply(v, x, method=Paraphraser.encode)`` gives the factor (mode 1);
+  ``apply(v, f, method=Paraphraser.decode)`` decodes a factor (mode 2).
+
+  Attributes:
+    in_channels: m, the channels of the feature map.
+    rate: paraphrase rate k; the factor has ``round(m * k)`` channels.
+    dtype: computation dtype (params stay float32).
+  """
+  in_channels: int
+  rate: float = 0.5
+  dtype: Any = jnp.float32
+
+  @property
+  def factor_channels(self):
+    return factor_channels(self.in_channels, self.rate)
+
+  def setup(self):
+    m, f = self.in_channels, self.factor_channels
+    self.conv0 = _conv3x3(m, 9 * m, "conv0", self.dtype)
+    self.conv1 = _conv3x3(f, 9 * m, "conv1", self.dtype)
+    self.conv2 = _conv3x3(f, 9 * f, "conv2", self.dtype)
+    # Decoder bias fan_in is also the output width (see _deconv_kernel_init).
+    self.deconv0 = _conv3x3(f, 9 * f, "deconv0", self.dtype, _deconv_kernel_init)
+    self.deconv1 = _conv3x3(m, 9 * m, "deconv1", self.dtype, _deconv_kernel_init)
+    self.deconv2 = _conv3x3(m, 9 * m, "deconv2", self.dtype, _deconv_kernel_init)
+
+  def encode(self, x):
+    """Teacher factor (B, H, W, f) of a feature map (B, H, W, m)."""
+    _check_channels(x, self.in_channels, "Paraphraser.encode")
+    x = x.astype(self.dtype)
+    return _leaky(self.conv2(_leaky(self.conv1(_leaky(self.conv0(x))))))
+
+  def decode(self, factor):
+    """Reconstruction (B, H, W, m) of a factor (B, H, W, f)."""
+    _check_channels(factor, self.factor_channels, "Paraphraser.decode")
+    y = _leaky(self.deconv0(factor.astype(self.dtype)))
+    return _leaky(self.deconv2(_leaky(self.deconv1(y))))
+
+  def __call__(self, x):
+    """Reconstruction ``decode(encode(x))`` (what the paraphraser is trained on)."""
+    return self.decode(self.encode(x))
+
+
+class Translator(nn.Module):
+  """Student-side encoder: conv0 (m_s->m_s), conv1 (m_s->f), conv2 (f->f).
+
+  Attributes:
+    in_channels: m_s, the student feature map's channels.
+    factor_channels: f, the *teacher* factor's channels (its output width).
+    dtype: computation dtype.
+  """
+  in_channels: int
+  factor_channels: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """Student factor (B, H, W, f) of a student feature map (B, H, W, m_s)."""
+    _check_channels(x, self.in_channels, "Translator")
+    m, f = self.in_channels, self.factor_channels
+    if f < 1:
+      raise CdftError(f"Translator needs factor_channels >= 1, got {f}")
+    x = _leaky(_conv3x3(m, 9 * m, "conv0", self.dtype)(x.astype(self.dtype)))
+    x = _leaky(_conv3x3(f, 9 * m, "conv1", self.dtype)(x))
+    return _leaky(_conv3x3(f, 9 * f, "conv2", self.dtype)(x))
+
+
+def _check_same_shape(a, b, what):
+  if a.shape != b.shape:
+    raise CdftError(f"{what}: student {tuple(a.shape)} and teacher {tuple(b.shape)} "
+                    "shapes differ")
+
+
+def normalize_flat(x):
+  """Per-sample L2 normalisation over all non-batch axes: ``F.normalize(x.view(B, -1))``.
+
+  Returns the (B, D) normalised rows, ``x / max(||x||_2, 1e-12)``, in float32.
+  """
+  flat = x.reshape(x.shape[0], -1).astype(jnp.promote_types(x.dtype, jnp.float32))
+  norm = jnp.sqrt(jnp.sum(jnp.square(flat), axis=1, keepdims=True))
+  return flat / jnp.maximum(norm, NORMALIZE_EPS)
+
+
+def ft_loss(factor_s, factor_t):
+  """Official Factor Transfer loss, without beta.
+
+  ``mean_{b,i} |FT(factor_s)_{b,i} - FT(factor_t)_{b,i}|`` with FT the per-sample
+  L2 normalisation of the flattened C*H*W factor (``nn.L1Loss()`` with its mean
+  over all B*C*H*W elements). Both the norm and the mean are invariant to the
+  flattening order, so NHWC gives PyTorch's NCHW value. The caller multiplies by
+  beta (official CIFAR-10: 500). Not RepDistiller's spatial-attention variant.
+
+  Args:
+    factor_s: translator output, (B, H, W, f).
+    factor_t: paraphraser factor, same shape (treated as a constant).
+
+  Returns:
+    Scalar float32.
+  """
+  _check_same_shape(factor_s, factor_t, "ft_loss")
+  factor_t = jax.lax.stop_gradient(factor_t)
+  return jnp.mean(jnp.abs(normalize_flat(factor_s) - normalize_flat(factor_t)))
+
+
+def kd_loss(logits_s, logits_t, temperature=4.0):
+  """Hinton knowledge distillation term.
+
+  ``T^2 * mean_b sum_c p_t (log p_t - log p_s)`` with ``p = softmax(logits / T)``:
+  the KL divergence summed over classes and averaged over the batch, scaled by
+  T^2 so its gradient magnitude does not shrink with T. This is the common
+  CIFAR code's ``F.kl_div(log_softmax(s/T), softmax(t/T), size_average=False)
+  * T**2 / B`` (RepDistiller ``DistillKL``; T = 4 there). The caller weighs it
+  against the cross-entropy.
+
+  Args:
+    logits_s: student logits (B, K).
+    logits_t: teacher logits (B, K) (treated as a constant).
+    temperature: T > 0.
+
+  Returns:
+    Scalar float32.
+  """
+  _check_same_shape(logits_s, logits_t, "kd_loss")
+  if temperature <= 0:
+    raise CdftError(f"kd_loss temperature must be > 0, got {temperature}")
+  logits_t = jax.lax.stop_gradient(logits_t)
+  log_p_s = jax.nn.log_softmax(logits_s.astype(jnp.float32) / temperature, axis=-1)
+  log_p_t = jax.nn.log_softmax(logits_t.astype(jnp.float32) / temperature, axis=-1)
+  kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+  return jnp.mean(kl) * temperature ** 2
+
+
+class HintRegressor(nn.Module):
+  """FitNets regressor: maps the student's guided layer to the teacher's hint width.
+
+  A ``kernel_size`` conv (stride 1, same spatial size, with bias) followed by
+  optional BN and ReLU (conv-BN-ReLU is what RepDistiller / KD-Zoo use; FitNets'
+  regressor ends in the hint layer's nonlinearity, a ReLU for ResNets).
+
+  Attributes:
+    features: the teacher hint's channels.
+    kernel_size: odd conv size (1 or 3).
+    use_bn: insert :class:`~cdft.models.norm.BatchNorm` (then call with
+      ``train`` and ``mutable=['batch_stats']`` in training).
+    relu: end with a ReLU.
+  """
+  features: int
+  kernel_size: int = 1
+  use_bn: bool = True
+  relu: bool = True
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    """Projects (B, H, W, C_s) to (B, H, W, features)."""
+    k = self.kernel_size
+    if k < 1 or k % 2 == 0:
+      raise CdftError(f"HintRegressor kernel_size must be odd, got {k}")
+    fan_in = k * k * x.shape[-1]
+    y = nn.Conv(self.features, (k, k), padding=((k // 2, k // 2),) * 2,
+                kernel_init=pytorch_kernel_init, bias_init=pytorch_bias_init(fan_in),
+                name="conv")(x)
+    if self.use_bn:
+      y = BatchNorm(use_running_average=not train, name="bn")(y)
+    return nn.relu(y) if self.relu else y
+
+
+def hint_loss(regressed_s, hint_t):
+  """FitNets hint loss: mean squared error (``nn.MSELoss()``, mean over all elements).
+
+  Args:
+    regressed_s: :class:`HintRegressor` output on the student's guided layer.
+    hint_t: the teacher's hint layer, same shape (treated as a constant).
+  """
+  _check_same_shape(regressed_s, hint_t, "hint_loss")
+  hint_t = jax.lax.stop_gradient(hint_t)
+  diff = regressed_s.astype(jnp.float32) - hint_t.astype(jnp.float32)
+  return jnp.mean(jnp.square(diff))
+
+
+def attention_map(feature, p=2):
+  """Spatial attention of Zagoruyko & Komodakis: normalise(mean_c |f|^p), flattened.
+
+  Args:
+    feature: (B, H, W, C).
+    p: exponent (2 in the paper's experiments).
+
+  Returns:
+    (B, H*W) rows of unit L2 norm (eps 1e-12 as ``F.normalize``).
+  """
+  if feature.ndim != 4:
+    raise CdftError(f"attention_map expects NHWC (B, H, W, C), got {tuple(feature.shape)}")
+  f = jnp.abs(feature.astype(jnp.promote_types(feature.dtype, jnp.float32)))
+  return normalize_flat(jnp.mean(f ** p, axis=-1))
+
+
+def attention_transfer_loss(feats_s: Sequence[jax.Array], feats_t: Sequence[jax.Array],
+                            p=2, reduction="sum"):
+  """Attention transfer: Σ_pairs mean_{b,i} (Q_s - Q_t)^2 with Q = :func:`attention_map`.
+
+  Each pair's term is the mean squared difference of the attention rows over
+  B*H*W (``(at(x) - at(y)).pow(2).mean()``). The pairs are summed, as in the
+  authors' code (which multiplies by beta/2) and RepDistiller (beta = 1e3 on
+  CIFAR, the usual choice). ``reduction='mean'`` averages over pairs instead
+  (divides the sum by the number of pairs). Channel counts may differ within a
+  pair; spatial sizes must match.
+
+  Args:
+    feats_s: student maps, e.g. ``(layer1, layer2, layer3)``.
+    feats_t: teacher maps at the same positions (treated as constants).
+    p: attention exponent.
+    reduction: ``'sum'`` or ``'mean'`` over pairs.
+
+  Returns:
+    Scalar float32 (multiply by beta).
+  """
+  if len(feats_s) != len(feats_t) or not feats_s:
+    raise CdftError(f"attention_transfer_loss needs matching non-empty feature lists, "
+                    f"got {len(feats_s)} student and {len(feats_t)} teacher maps")
+  if reduction not in ("sum", "mean"):
+    raise CdftError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+  terms = []
+  for i, (s, t) in enumerate(zip(feats_s, feats_t)):
+    if s.shape[:3] != t.shape[:3]:
+      raise CdftError(f"attention_transfer_loss pair {i}: student {tuple(s.shape)} and "
+                      f"teacher {tuple(t.shape)} differ in batch or spatial size")
+    a_t = jax.lax.stop_gradient(attention_map(t, p))
+    terms.append(jnp.mean(jnp.square(attention_map(s, p) - a_t)))
+  total = sum(terms)
+  return total / len(terms) if reduction == "mean" else total
