@@ -25,8 +25,10 @@ setuptools.setup(
         "psutil",
     ],
     extras_require={
-        "test": ["pytest", "nbformat", "nbclient", "ipykernel"],
-        "data": ["tensorflow-datasets", "array-record"],
+        # Training data (TFDS without TensorFlow) and the digits dataset of the FT checks.
+        "data": ["tensorflow-datasets", "array-record", "scikit-learn"],
+        "test": ["pytest", "nbformat", "nbclient", "ipykernel", "tensorflow-datasets",
+                 "array-record", "scikit-learn"],
     },
     entry_points={
         "console_scripts": [
