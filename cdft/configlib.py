@@ -42,7 +42,7 @@ def trainer_defaults(config):
   config.num_epochs = 20.0  # Training length in epochs (paper: 20) ...
   config.total_steps = -1  # ... unless this is positive: then exactly this many steps.
 
-  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer = ml_collections.ConfigDict()  # Optimizer (optax).
   config.optimizer.name = "adam"  # 'adam' | 'sgd'. Paper: Adam.
   config.optimizer.learning_rate = 1e-4  # Base learning rate. Paper: 1e-4, no schedule.
   config.optimizer.b1 = 0.9  # Adam beta1 (PyTorch default).
@@ -52,7 +52,7 @@ def trainer_defaults(config):
   config.optimizer.nesterov = False  # SGD Nesterov momentum.
   config.optimizer.weight_decay = 0.0  # Coupled L2 (PyTorch weight_decay) on all params.
 
-  config.schedule = ml_collections.ConfigDict()
+  config.schedule = ml_collections.ConfigDict()  # Learning-rate schedule.
   config.schedule.name = "constant"  # 'constant' | 'piecewise' | 'cosine'.
   config.schedule.boundaries = ()  # Epochs at which 'piecewise' multiplies the rate ...
   config.schedule.decay = 0.1  # ... by this factor.
@@ -76,7 +76,7 @@ def images_input(manual_dir, crop=256, shorter_side=300):
   inp.data_dir = ""  # TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets).
   inp.split = "train"  # Split to train on.
   inp.preprocess = "cd_train"  # Preprocessing (cdft.data.preprocess registry).
-  inp.pp = ml_collections.ConfigDict()
+  inp.pp = ml_collections.ConfigDict()  # Keyword arguments of the preprocessing.
   inp.pp.shorter_side = shorter_side  # Resize so the shorter side is this (paper: 300) ...
   inp.pp.crop = crop  # ... then a random square crop of this size (paper: 256) ...
   inp.pp.flip = True  # ... and a random horizontal flip (paper: yes).

@@ -92,7 +92,7 @@ def total_steps(config, steps_per_epoch):
   return int(round(config.num_epochs * steps_per_epoch))
 
 
-def _make_train_step(task, tx, schedule, seed):
+def make_train_step(task, tx, schedule, seed):
   def train_step(state, frozen, batch):
     step = state["step"]
     # Built inside the program, so every host has it without a transfer.
@@ -105,7 +105,7 @@ def _make_train_step(task, tx, schedule, seed):
         state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=schedule(step))
     new_state = {"step": step + 1, "params": params, "opt_state": opt_state,
                  "model_state": model_state}
@@ -182,7 +182,7 @@ def run(config, workdir, stream=None):
   frozen = jax.device_put(jax.device_get(task.frozen), repl)
 
   state_sh = jax.tree.map(lambda x: x.sharding, state)
-  train_step = jax.jit(_make_train_step(task, tx, schedule, config.seed),
+  train_step = jax.jit(make_train_step(task, tx, schedule, config.seed),
                        in_shardings=(state_sh, repl, sharding.batch_sharding(mesh)),
                        out_shardings=(state_sh, repl), donate_argnums=(0,))
   eval_fn = None

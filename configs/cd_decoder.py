@@ -26,13 +26,13 @@ def get_config(arg=None):
   configlib.trainer_defaults(config)
   config.input = configlib.images_input("data/COCO/train2014")  # Paper: COCO train2014.
 
-  config.teacher = ml_collections.ConfigDict()
+  config.teacher = ml_collections.ConfigDict()  # Frozen teacher networks (see tasks.style.load_weights).
   config.teacher.encoder = DEFAULT_TEACHER  # Frozen VGG-19: .msgpack | .t7 | 'random'.
   config.teacher.preset = "vgg19"  # Width preset of the teacher (and of this decoder).
 
   config.init = "random"  # Decoder init: 'random' | .t7 decoder | workdir (fine-tune).
 
-  config.loss = ml_collections.ConfigDict()
+  config.loss = ml_collections.ConfigDict()  # Loss weights.
   config.loss.pixel = 1.0  # Weight of the pixel MSE.
   config.loss.perceptual = 1.0  # λ_p, weight of Σ_i MSE(relu_i_1). Paper: 1.
 

@@ -25,20 +25,20 @@ def get_config(arg=None):
   configlib.trainer_defaults(config)
   config.input = configlib.images_input("data/COCO/train2014")  # Paper: COCO train2014.
 
-  config.teacher = ml_collections.ConfigDict()
+  config.teacher = ml_collections.ConfigDict()  # Frozen teacher networks (see tasks.style.load_weights).
   config.teacher.encoder = DEFAULT_TEACHER  # Perceptual network: .msgpack | .t7 | 'random'.
   config.teacher.preset = "vgg19"  # Width preset of the teacher.
   # Teacher decoder (step 1), only read to prune the init when student.init='pruned'.
   config.teacher.decoder = f"runs/cd_decoder_stage{a.stage}"
 
-  config.student = ml_collections.ConfigDict()
+  config.student = ml_collections.ConfigDict()  # The 16x student networks.
   config.student.preset = "16x"  # Width preset of the student encoder and this decoder.
   # Frozen student encoder: the step-2 workdir, 'cd16x' (released kSE.pth) or 'random'.
   config.student.encoder = f"runs/cd_student_stage{a.stage}"
   # Decoder init: 'pruned' (L1-pruned teacher decoder), 'cd16x_base', 'random', a workdir.
   config.student.init = "pruned"
 
-  config.loss = ml_collections.ConfigDict()
+  config.loss = ml_collections.ConfigDict()  # Loss weights.
   config.loss.pixel = 1.0  # Weight of the pixel MSE.
   # λ_p. The paper says loss (1) with λ_p = 1; the official README commands use 0.01.
   config.loss.perceptual = 1.0

@@ -30,23 +30,23 @@ def get_config(arg=None):
   configlib.trainer_defaults(config)
   config.input = configlib.images_input("data/COCO/train2014")  # Paper: COCO train2014.
 
-  config.teacher = ml_collections.ConfigDict()
+  config.teacher = ml_collections.ConfigDict()  # Frozen teacher networks (see tasks.style.load_weights).
   config.teacher.encoder = DEFAULT_TEACHER  # Frozen VGG-19: .msgpack | .t7 | 'random'.
   config.teacher.preset = "vgg19"  # Width preset of the teacher encoder/decoder.
   # Frozen teacher decoder (step 1): its workdir, a .t7 decoder, or 'random'.
   config.teacher.decoder = f"runs/cd_decoder_stage{a.stage}"
 
-  config.student = ml_collections.ConfigDict()
+  config.student = ml_collections.ConfigDict()  # The 16x student networks.
   config.student.preset = "16x"  # Width preset of the student.
   # Student init: 'pruned' (L1-largest filters of the teacher, paper), 'cd16x_base'
   # (the released pruned files), 'cd16x' (the released students), 'random', a workdir.
   config.student.init = "pruned"
 
-  config.distill = ml_collections.ConfigDict()
+  config.distill = ml_collections.ConfigDict()  # How the student is distilled.
   config.distill.method = "collaborative"  # 'collaborative' | 'embedding_only' | 'reconstruction_only'.
   config.distill.beta = 10.0  # β, weight of the embedding loss. Paper: 10.
 
-  config.loss = ml_collections.ConfigDict()
+  config.loss = ml_collections.ConfigDict()  # Loss weights.
   config.loss.pixel = 1.0  # Weight of the reconstruction's pixel MSE. Paper: 1.
   config.loss.perceptual = 1.0  # λ_p of the reconstruction. Paper: 1.
 

@@ -45,6 +45,13 @@ def _workdir_params(path, key, what):
   return params[key]
 
 
+def _unwrap(tree):
+  """Loaders return ``{'params': tree}``; tasks keep the bare tree."""
+  if isinstance(tree, dict) and set(tree) == {"params"}:
+    return tree["params"]
+  return tree
+
+
 def _expand(spec):
   return pathlib.Path(os.path.expanduser(str(spec)))
 
@@ -92,7 +99,7 @@ def load_weights(spec, kind, stage, preset, seed=0, weights_dir=None):
     trees = load(stage, weights_dir=weights_dir)
     if kind not in trees:
       raise CdftError(f"{spec!r} has no {kind} weights")
-    return trees[kind]
+    return _unwrap(trees[kind])
   path = _expand(spec)
   if path.is_dir():
     return _workdir_params(path, kind, f"the {kind}")
@@ -103,11 +110,11 @@ def load_weights(spec, kind, stage, preset, seed=0, weights_dir=None):
     if kind != "encoder":
       raise CdftError(f"{path}: a normalized VGG-19 file holds encoders only, not a {kind}")
     from cdft.weights import normalize  # pylint: disable=import-outside-toplevel
-    return normalize.load_encoder(path, stage)["params"]
+    return _unwrap(normalize.load_encoder(path, stage))
   if path.suffix == ".t7":
     from cdft.weights import pretrained  # pylint: disable=import-outside-toplevel
     if kind == "encoder":
-      return pretrained.load_vgg19_t7(stage, path)["encoder"]
+      return _unwrap(pretrained.load_vgg19_t7(stage, path)["encoder"])
     if kind == "decoder":
       # The decoder file is read against the stage's encoder shapes only.
       return _t7_decoder(stage, path)
@@ -121,8 +128,8 @@ def _t7_decoder(stage, path):
   enc = models.get_model("encoder", stage, "vgg19")
   feat = jax.eval_shape(lambda: enc.init_with_output(jax.random.key(0), _probe(stage))[0])
   abstract = convert.abstract_params(models.get_model("decoder", stage, "vgg19"), feat)
-  return convert.from_sequential_convs(t7.sequential_convs(path), abstract,
-                                       models.vgg.decoder_layer_names(stage), str(path))
+  return _unwrap(convert.from_sequential_convs(t7.sequential_convs(path), abstract,
+                                               models.vgg.decoder_layer_names(stage), str(path)))
 
 
 def _pruned(teacher_params, kind, stage):

@@ -50,7 +50,10 @@ def make_manager(workdir, every_steps, keep_last, keep_every_steps=0, read_only=
       create=not read_only,
       cleanup_tmp_directories=not read_only)
   directory = workdir_path(workdir) / SUBDIR
-  return ocp.CheckpointManager(directory, options=options, item_names=("state", "config"))
+  return ocp.CheckpointManager(
+      directory, options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "config": ocp.JsonCheckpointHandler()})
 
 
 def save(manager, step, state, config_dict, force=False):
@@ -100,13 +103,17 @@ def restore_params(workdir, step=None):
     step = manager.latest_step() if step is None else int(step)
     if step is None:
       raise CdftError(f"{workdir}: the run has no checkpoint yet")
+    # Restore onto this process's first device, whatever mesh saved it.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = manager.item_metadata(step)["state"]
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
     restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                       config=ocp.args.JsonRestore()))
   finally:
     manager.close()
-  params = jax.tree.map(lambda x: jax.device_get(x), restored["state"]["params"])
-  return params, restored["config"]
+  return jax.device_get(restored["state"]["params"]), restored["config"]
 
 
 def write_config(workdir, config_dict):

@@ -1,0 +1,169 @@
+r"""Train-step throughput of every training step, beside the official PyTorch code.
+
+Each (step, device count) runs in its own process so its peak RSS is its own.
+As the baseline (../shared/baselines/train_official_cpu.json): random inputs
+made before timing (no data loading), random frozen weights (cost does not
+depend on them), ``--warmup`` steps then ``--repeats`` timed steps, median
+step time, images/s = batch / median. Device counts > 1 are fake CPU devices
+(``--xla_force_host_platform_device_count``): the same 2 cores, the batch split
+over them, which measures the sharding overhead rather than a speed-up.
+
+  python launch/bench_train.py --out benchmarks/train_cpu.json
+  python launch/bench_train.py --steps cd_decoder_k3 --devices 1 --repeats 3
+"""
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+BASELINE = REPO.parent / "shared" / "baselines" / "train_official_cpu.json"
+
+# name: (config file, config arg, overrides, batch, input side, baseline step name)
+STEPS = {
+    "cd_decoder_k3": ("cd_decoder", "stage=3", {}, 16, 256, "cd_step1_bd_k3"),
+    "cd_decoder_k5": ("cd_decoder", "stage=5", {}, 16, 256, "cd_step1_bd_k5"),
+    "cd_student_k3": ("cd_student", "stage=3", {"teacher.decoder": "random"}, 16, 256,
+                      "cd_step2_se_k3"),
+    "cd_student_k5": ("cd_student", "stage=5", {"teacher.decoder": "random"}, 16, 256,
+                      "cd_step2_se_k5"),
+    "cd_small_decoder_k3": ("cd_small_decoder", "stage=3",
+                            {"student.encoder": "random", "student.init": "random"}, 16, 256,
+                            "cd_step3_sd_k3"),
+    "cd_small_decoder_k5": ("cd_small_decoder", "stage=5",
+                            {"student.encoder": "random", "student.init": "random"}, 16, 256,
+                            "cd_step3_sd_k5"),
+}
+
+
+def _load_config(name, arg):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def child(args):
+  """Times one step configuration in this process; prints one JSON line."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from cdft import tasks, train  # pylint: disable=import-outside-toplevel
+  from cdft.training import optim, sharding  # pylint: disable=import-outside-toplevel
+
+  cfg_name, cfg_arg, overrides, batch, side, _ = STEPS[args.step]
+  config = _load_config(cfg_name, cfg_arg)
+  config.teacher.encoder = "random"
+  for key, value in overrides.items():
+    group, field = key.split(".")
+    config[group][field] = value
+  t0 = time.perf_counter()
+  mesh = sharding.make_mesh(config.mesh)
+  repl = sharding.replicated(mesh)
+  task = tasks.get_task(config)
+  rng = np.random.default_rng(0)
+  host_batch = {"image": rng.random((batch, side, side, 3), dtype=np.float32)}
+  schedule = optim.make_schedule(config.schedule, config.optimizer.learning_rate, 1000, 1000)
+  tx = optim.make_optimizer(config.optimizer, schedule)
+  host_state = jax.device_get(task.init(jax.random.key(0), host_batch))
+  params = jax.device_put(host_state["params"], repl)
+  state = {"step": jax.device_put(np.zeros((), np.int32), repl), "params": params,
+           "opt_state": jax.jit(tx.init, out_shardings=repl)(params),
+           "model_state": jax.device_put(host_state["model_state"], repl)}
+  frozen = jax.device_put(jax.device_get(task.frozen), repl)
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  step = jax.jit(train.make_train_step(task, tx, schedule, 0),
+                 in_shardings=(state_sh, repl, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sh, repl), donate_argnums=(0,))
+  gbatch = sharding.global_batch(host_batch, mesh)
+  setup = time.perf_counter() - t0
+  times, losses = [], []
+  for _ in range(args.warmup + args.repeats):
+    t = time.perf_counter()
+    state, metrics = step(state, frozen, gbatch)
+    losses.append(float(metrics["loss"]))  # syncs, as the baseline's .item()
+    times.append(time.perf_counter() - t)
+  timed = times[args.warmup:]
+  med = statistics.median(timed)
+  print(json.dumps({
+      "step": args.step, "devices": jax.device_count(), "batch": batch, "input_hw": [side, side],
+      "setup_s": round(setup, 3), "warmup_step_s": [round(x, 4) for x in times[:args.warmup]],
+      "timed_step_s": [round(x, 4) for x in timed], "median_step_s": round(med, 4),
+      "images_per_s": round(batch / med, 3),
+      "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+      "loss_first_last": [losses[0], losses[-1]],
+      "all_losses_finite": bool(all(np.isfinite(losses)))}))
+
+
+def _baseline():
+  if not BASELINE.is_file():
+    return {}
+  data = json.loads(BASELINE.read_text())
+  out = {}
+  for s in data.get("steps", []):
+    rates = [s["median_images_per_s"]] + [
+        r.get("median_images_per_s") for r in s.get("repeat_processes", [])
+        if r.get("median_images_per_s")]
+    out[s["step"]] = {"images_per_s": statistics.mean(rates), "peak_rss_kb": s["peak_rss_kb"]}
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated step names")
+  parser.add_argument("--devices", default="1,8", help="comma-separated device counts")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON output file")
+  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--step", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child:
+    child(args)
+    return
+  base = _baseline()
+  results = []
+  print(f"{'step':22} {'dev':>3} {'median s':>9} {'img/s':>7} {'RSS GB':>7} "
+        f"{'official img/s':>14} {'ratio':>6}")
+  for name in args.steps.split(","):
+    if name not in STEPS:
+      parser.error(f"unknown step {name!r}; choose from {', '.join(STEPS)}")
+    for n in [int(d) for d in args.devices.split(",")]:
+      env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+                 JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+      proc = subprocess.run(
+          [sys.executable, __file__, "--child", "--step", name, "--warmup", str(args.warmup),
+           "--repeats", str(args.repeats)], env=env, capture_output=True, text=True, cwd=REPO,
+          check=False)
+      if proc.returncode:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        sys.exit(f"{name} on {n} devices failed")
+      row = json.loads(proc.stdout.strip().splitlines()[-1])
+      ref = base.get(STEPS[name][5], {})
+      row["official_images_per_s"] = ref.get("images_per_s")
+      row["official_peak_rss_kb"] = ref.get("peak_rss_kb")
+      results.append(row)
+      ratio = (f"{row['images_per_s'] / ref['images_per_s']:.2f}x" if ref else "-")
+      print(f"{name:22} {n:>3} {row['median_step_s']:>9.3f} {row['images_per_s']:>7.2f} "
+            f"{row['peak_rss_kb'] / 1e6:>7.2f} {ref.get('images_per_s', float('nan')):>14.2f} "
+            f"{ratio:>6}", flush=True)
+  if args.out:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "description": "cdft train-step throughput (launch/bench_train.py)",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "python": platform.python_version()},
+        "protocol": f"one process per (step, devices); random inputs and frozen weights; "
+                    f"{args.warmup} warm-up + {args.repeats} timed steps; median",
+        "results": results}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,218 @@
+"""The one trainer: every CD config end to end, resume, NaN guard, preemption, multi-process."""
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from cdft import train
+from cdft.training import checkpointing
+from cdft.training import metrics as metrics_lib
+from cdft.training import sharding
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def load_config(name, arg):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def image_folder(images_dir, tmp_path_factory):
+  """Eight real photos, shrunk to 48 px on the shorter side (fast TFDS preparation)."""
+  folder = tmp_path_factory.mktemp("photos")
+  for path in sorted((images_dir / "content").glob("*.jpg"))[:8]:
+    im = Image.open(path).convert("RGB")
+    scale = 48 / min(im.size)
+    im.resize((max(48, round(im.width * scale)), max(48, round(im.height * scale)))).save(
+        folder / f"{path.stem}.png")
+  return folder
+
+
+def tiny(config, folder, data_dir, steps=2):
+  """Shrinks a runlocal config to a CI-sized run on ``folder``."""
+  config.input.manual_dir = str(folder)
+  config.input.data_dir = str(data_dir)
+  config.input.pp.shorter_side = 36
+  config.input.pp.crop = 32
+  config.batch_size = 8
+  config.total_steps = steps
+  config.log_every = 1
+  config.checkpoint_every = 2
+  config.teacher.encoder = "random"
+  return config
+
+
+def rows(workdir):
+  return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").open()]
+
+
+def test_config_fields_are_commented():
+  # Every `config.x = ...` line of every config carries a comment (ours or the block's).
+  for path in sorted(CONFIGS.glob("*.py")):
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+      s = line.strip()
+      if s.startswith("config.") and "=" in s and not s.startswith("config.input = configlib"):
+        assert "#" in s or path.read_text().splitlines()[n - 2].strip().startswith("#"), \
+            f"{path.name}:{n} has no comment: {s}"
+
+
+def test_config_args():
+  c = load_config("cd_student", "stage=3,runlocal")
+  assert (c.stage, c.batch_size, c.total_steps, c.distill.beta) == (3, 8, 300, 10.0)
+  assert load_config("cd_student", "").optimizer.learning_rate == 1e-4
+  with pytest.raises(ValueError, match="unknown config argument 'stag'"):
+    load_config("cd_decoder", "stag=3")
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("cd_decoder", {}),
+    ("cd_student", {"teacher.decoder": "random", "student.init": "pruned"}),
+    ("cd_small_decoder", {"student.encoder": "cd16x", "student.init": "cd16x_base"}),
+])
+def test_every_config_trains_and_resumes(name, overrides, image_folder, tmp_path, request):
+  config = tiny(load_config(name, "stage=2,runlocal"), image_folder, tmp_path / "tfds")
+  for key, value in overrides.items():
+    group, field = key.split(".")
+    config[group][field] = value
+  if "cd16x" in str(overrides):  # the released 16x student and its pruned init
+    config.weights_dir = str(request.getfixturevalue("weights_dir"))
+  workdir = tmp_path / "run"
+  out = train.run(config, workdir)
+  assert out["step"] == 2 and not out["preempted"]
+  assert json.loads((workdir / "config.json").read_text())["task"] == name
+  lines = rows(workdir)
+  assert [r["step"] for r in lines] == [1, 2]
+  assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in lines)
+  params, saved_config = checkpointing.restore_params(workdir)
+  assert saved_config["task"] == name
+  np.testing.assert_array_equal(jax.tree.leaves(params)[0], jax.tree.leaves(out["params"])[0])
+  # A rerun with more steps resumes at step 2 (no new step-1/2 lines).
+  config.total_steps = 3
+  assert train.run(config, workdir)["step"] == 3
+  assert [r["step"] for r in rows(workdir)] == [1, 2, 3]
+
+
+def test_resume_equals_uninterrupted(image_folder, tmp_path):
+  config = tiny(load_config("cd_student", "stage=1,runlocal"), image_folder, tmp_path / "tfds",
+                steps=4)
+  config.teacher.decoder = "random"
+  config.student.init = "random"
+  whole = train.run(config, tmp_path / "whole")
+  config.total_steps = 2
+  train.run(config, tmp_path / "split")
+  config.total_steps = 4
+  split = train.run(config, tmp_path / "split")
+  for a, b in zip(jax.tree.leaves(whole["params"]), jax.tree.leaves(split["params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert rows(tmp_path / "whole")[-1]["loss"] == pytest.approx(rows(tmp_path / "split")[-1]["loss"],
+                                                             rel=1e-6)
+
+
+def test_nan_guard_keeps_last_good_checkpoint(image_folder, tmp_path):
+  config = tiny(load_config("cd_decoder", "stage=1,runlocal"), image_folder, tmp_path / "tfds",
+                steps=6)
+  config.optimizer.learning_rate = 1e30  # the first update blows the decoder up
+  config.checkpoint_every = 1
+  with pytest.raises(metrics_lib.DivergenceError, match=r"is (nan|inf) at step \d.*last good "
+                     r"checkpoint is step \d"):
+    train.run(config, tmp_path / "run")
+  manager = checkpointing.make_manager(tmp_path / "run", 1, 3, read_only=True)
+  last = manager.latest_step()
+  manager.close()
+  params, _ = checkpointing.restore_params(tmp_path / "run")
+  assert last is not None and last < 6
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_sigterm_saves_and_exits(image_folder, tmp_path):
+  config = tiny(load_config("cd_decoder", "stage=1,runlocal"), image_folder, tmp_path / "tfds",
+                steps=50)
+  config.checkpoint_every = 100
+
+  class KillAtFirstLine:
+    sent = False
+
+    def write(self, text):
+      if text.startswith("step ") and not self.sent:
+        self.sent = True
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def flush(self):
+      pass
+
+  out = train.run(config, tmp_path / "run", stream=KillAtFirstLine())
+  assert out["preempted"] and out["step"] < 50
+  params, _ = checkpointing.restore_params(tmp_path / "run")
+  np.testing.assert_array_equal(jax.tree.leaves(params)[0], jax.tree.leaves(out["params"])[0])
+
+
+def test_mesh_from_config():
+  mesh = sharding.make_mesh((("data", -1),))
+  assert mesh.shape["data"] == jax.device_count() == 8
+  assert sharding.make_mesh((("data", 4), ("model", 2))).shape == {"data": 4, "model": 2}
+  with pytest.raises(Exception, match="needs 6 devices"):
+    sharding.make_mesh((("data", 6),))
+  with pytest.raises(Exception, match="not divisible by the 8 devices"):
+    sharding.check_batch_size(12, mesh)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(workdir, folder, data_dir, process_id=None, num_processes=1, port=None, devices=8):
+  args = [sys.executable, str(REPO / "launch" / "train.py"),
+          f"--config={CONFIGS / 'cd_student.py'}:stage=1,runlocal", f"--workdir={workdir}",
+          f"--config.input.manual_dir={folder}", f"--config.input.data_dir={data_dir}",
+          "--config.input.pp.shorter_side=36", "--config.input.pp.crop=32",
+          "--config.batch_size=8", "--config.total_steps=3", "--config.log_every=1",
+          "--config.teacher.encoder=random", "--config.teacher.decoder=random",
+          "--config.student.init=random"]
+  if num_processes > 1:
+    args += ["--distributed", f"--coordinator_address=127.0.0.1:{port}",
+             f"--num_processes={num_processes}", f"--process_id={process_id}"]
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, cwd=REPO)
+
+
+def test_two_processes_match_one(image_folder, tmp_path):
+  data_dir = tmp_path / "tfds"
+  single = _launch(tmp_path / "one", image_folder, data_dir)
+  out, _ = single.communicate(timeout=600)
+  assert single.returncode == 0, out[-3000:]
+  port = _free_port()
+  procs = [_launch(tmp_path / "two", image_folder, data_dir, i, 2, port, devices=4)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, o in zip(procs, outs):
+    assert p.returncode == 0, o[-3000:]
+  assert "over 8 devices / 2 processes" in outs[0]
+  a, _ = checkpointing.restore_params(tmp_path / "one")
+  b, _ = checkpointing.restore_params(tmp_path / "two")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_typo_in_override_fails(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "launch" / "train.py"),
+       f"--config={CONFIGS / 'cd_decoder.py'}:runlocal", f"--workdir={tmp_path}",
+       "--config.batchsize=4"], capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert proc.returncode != 0 and "batchsize" in proc.stderr
