@@ -95,6 +95,19 @@ def restore_params(workdir, step=None):
   Raises:
     CdftError: no such run or no checkpoint in it.
   """
+  variables, config = restore_variables(workdir, step)
+  return variables["params"], config
+
+
+def restore_variables(workdir, step=None):
+  """Like :func:`restore_params`, with the model state (e.g. BatchNorm statistics).
+
+  Restores onto this process's first device whatever mesh saved the run, so a
+  run trained on 8 devices or 2 hosts is read back anywhere.
+
+  Returns:
+    ``({'params': ..., 'model_state': ...}, config_dict)`` (host numpy).
+  """
   directory = workdir_path(workdir) / SUBDIR
   if not directory.is_dir():
     raise CdftError(f"{workdir}: not a cdft training workdir (no {SUBDIR}/ folder)")
@@ -103,7 +116,6 @@ def restore_params(workdir, step=None):
     step = manager.latest_step() if step is None else int(step)
     if step is None:
       raise CdftError(f"{workdir}: the run has no checkpoint yet")
-    # Restore onto this process's first device, whatever mesh saved it.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     metadata = manager.item_metadata(step)["state"]
     target = jax.tree.map(
@@ -113,7 +125,9 @@ def restore_params(workdir, step=None):
                                       config=ocp.args.JsonRestore()))
   finally:
     manager.close()
-  return jax.device_get(restored["state"]["params"]), restored["config"]
+  state = jax.device_get(restored["state"])
+  return {"params": state["params"], "model_state": state.get("model_state", {})}, \
+      restored["config"]
 
 
 def write_config(workdir, config_dict):
