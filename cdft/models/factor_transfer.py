@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from cdft.errors import CdftError
 from cdft.models.norm import BatchNorm
-from cdft.models.resnet import pytorch_bias_init, pytorch_kernel_init
+from cdft.models.initializers import pytorch_bias_init, pytorch_kernel_init
 
 LEAKY_SLOPE = 0.1  # nn.LeakyReLU(0.1) in the official code (jax's default is 0.01)
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cdft.models.initializers import pytorch_bias_init, pytorch_kernel_init
+
 _DN = ("NHWC", "HWIO", "NHWC")
 # Input channels are zero-padded up to this many (see reflect_conv3x3).
 _MIN_CIN = 8
@@ -91,8 +93,9 @@ class ReflectConv3x3(nn.Module):
   @nn.compact
   def __call__(self, x, input_affine=None):
     cin = x.shape[-1] if input_affine is None else input_affine[0].shape[0]
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, cin, self.features))
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    # PyTorch's default init, as the official models were trained from.
+    kernel = self.param("kernel", pytorch_kernel_init, (3, 3, cin, self.features))
+    bias = self.param("bias", pytorch_bias_init(9 * cin), (self.features,))
     if input_affine is not None:
       a, c = input_affine
       bias = bias + jnp.einsum("j,hwjo->o", c, kernel)
@@ -107,9 +110,9 @@ class Conv1x1(nn.Module):
   in_features: int
 
   def setup(self):
-    self.kernel = self.param("kernel", nn.initializers.lecun_normal(),
+    self.kernel = self.param("kernel", pytorch_kernel_init,
                              (1, 1, self.in_features, self.features))
-    self.bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    self.bias = self.param("bias", pytorch_bias_init(self.in_features), (self.features,))
 
   def affine(self):
     """The map as ``(A, c)`` with ``y = x @ A + c``."""

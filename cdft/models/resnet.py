@@ -35,27 +35,14 @@ block outputs can be read with ``capture_intermediates`` (paths ``layer1_0``...)
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from cdft.errors import CdftError
+from cdft.models.initializers import pytorch_bias_init, pytorch_kernel_init
 from cdft.models.norm import BatchNorm
 
-# PyTorch's default Conv2d / Linear weight init, kaiming_uniform(a=sqrt(5)):
-# U(+-1/sqrt(fan_in)), i.e. variance 1/(3 fan_in).
-pytorch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 # RepDistiller's WRN conv init: normal(0, sqrt(2 / (k*k*out_channels))).
 _wrn_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-def pytorch_bias_init(fan_in):
-  """PyTorch's default bias init U(+-1/sqrt(fan_in)) (Conv2d, Linear)."""
-  bound = 1.0 / (fan_in ** 0.5)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
 
 
 def _check_input(x, name):
