@@ -6,7 +6,10 @@ linear embeddings Q_i are trained so that (spec cd.md §3.3):
 - the frozen teacher decoder of step 1, fed Q_k·F′_k, reconstructs the image:
   pixel + λ_p·perceptual (the *collaborative* term).
 ``distill.method`` picks the paper's ablation (Fig. 6): 'collaborative' (both),
-'embedding_only', 'reconstruction_only'.
+'embedding_only', 'reconstruction_only'; or 'factor_transfer': Factor Transfer
+on relu{k}_1 (a paraphraser pretrained by configs/cd_paraphraser.py, a
+translator on the student) in place of the embedding loss, with the
+collaborative reconstruction through Q_k kept.
 
   python launch/train.py --config configs/cd_student.py:stage=3 \
       --workdir runs/cd_student_stage3 --config.input.manual_dir=data/COCO/train2014 \
@@ -43,8 +46,14 @@ def get_config(arg=None):
   config.student.init = "pruned"
 
   config.distill = ml_collections.ConfigDict()  # How the student is distilled.
-  config.distill.method = "collaborative"  # 'collaborative' | 'embedding_only' | 'reconstruction_only'.
+  # 'collaborative' | 'embedding_only' | 'reconstruction_only' | 'factor_transfer'.
+  config.distill.method = "collaborative"
   config.distill.beta = 10.0  # β, weight of the embedding loss. Paper: 10.
+  # factor_transfer: the frozen paraphraser of relu{k}_1: its cd_paraphraser workdir or 'random'.
+  config.distill.paraphraser = f"runs/cd_paraphraser_stage{a.stage}"
+  config.distill.rate = 0.5  # factor_transfer: rate of a 'random' paraphraser (FT official: 0.5).
+  # factor_transfer: β on the mean-reduced FT loss (FT's CIFAR value; untuned for VGG features).
+  config.distill.beta_ft = 500.0
 
   config.loss = ml_collections.ConfigDict()  # Loss weights.
   config.loss.pixel = 1.0  # Weight of the reconstruction's pixel MSE. Paper: 1.

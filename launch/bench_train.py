@@ -10,6 +10,7 @@ over them, which measures the sharding overhead rather than a speed-up.
 
   python launch/bench_train.py --out benchmarks/train_cpu.json
   python launch/bench_train.py --steps cd_decoder_k3 --devices 1 --repeats 3
+  python launch/bench_train.py --steps ft_train_student --devices 1 --repeats 10
 """
 import argparse
 import json
@@ -39,6 +40,13 @@ STEPS = {
     "cd_small_decoder_k5": ("cd_small_decoder", "stage=5",
                             {"student.encoder": "random", "student.init": "random"}, 16, 256,
                             "cd_step3_sd_k5"),
+    "ft_train_teacher": ("ft_teacher", "model=resnet56,dataset=cifar10", {}, 128, 32,
+                         "ft_train_teacher"),
+    "ft_train_paraphraser": ("ft_paraphraser", "teacher=resnet56,dataset=cifar10",
+                             {"teacher.workdir": "random"}, 128, 32, "ft_train_paraphraser"),
+    "ft_train_student": ("ft_student", "pair=resnet56_resnet20,method=ft,dataset=cifar10",
+                         {"teacher.workdir": "random", "distill.paraphraser": "random"}, 128, 32,
+                         "ft_train_student"),
 }
 
 
@@ -59,7 +67,8 @@ def child(args):
 
   cfg_name, cfg_arg, overrides, batch, side, _ = STEPS[args.step]
   config = _load_config(cfg_name, cfg_arg)
-  config.teacher.encoder = "random"
+  if config.task.startswith("cd_"):
+    config.teacher.encoder = "random"
   for key, value in overrides.items():
     group, field = key.split(".")
     config[group][field] = value
@@ -69,6 +78,8 @@ def child(args):
   task = tasks.get_task(config)
   rng = np.random.default_rng(0)
   host_batch = {"image": rng.random((batch, side, side, 3), dtype=np.float32)}
+  if "num_classes" in config:  # classification steps also take integer labels
+    host_batch["label"] = rng.integers(0, config.num_classes, batch).astype(np.int32)
   schedule = optim.make_schedule(config.schedule, config.optimizer.learning_rate, 1000, 1000)
   tx = optim.make_optimizer(config.optimizer, schedule)
   host_state = jax.device_get(task.init(jax.random.key(0), host_batch))

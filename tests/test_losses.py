@@ -6,6 +6,7 @@ import pytest
 
 from cdft import losses
 from cdft import models
+from cdft.models import factor_transfer as ft_models
 from cdft.tasks import style
 
 
@@ -35,7 +36,8 @@ def _config(method):
   c.teacher = ml_collections.ConfigDict(
       {"encoder": "random", "decoder": "random", "preset": "vgg19"})
   c.student = ml_collections.ConfigDict({"preset": "16x", "init": "random"})
-  c.distill = ml_collections.ConfigDict({"method": method, "beta": 10.0})
+  c.distill = ml_collections.ConfigDict({"method": method, "beta": 10.0, "beta_ft": 50.0,
+                                         "paraphraser": "random", "rate": 0.5})
   c.loss = ml_collections.ConfigDict({"pixel": 1.0, "perceptual": 0.7})
   return c
 
@@ -59,6 +61,21 @@ def test_student_loss_composition(method):
     w = np.asarray(head["kernel"]).reshape(-1, head["kernel"].shape[-1])
     embedded.append(np.asarray(f, np.float64) @ w + np.asarray(head["bias"]))
   feat = sum(_np_mse(e, t) for e, t in zip(embedded, t_feats))
+  ft_term = None
+  if method == "factor_transfer":
+    # FT on relu2_1: the frozen paraphraser's factor of the teacher feature and the
+    # translator's of the student one, each L2-normalised per sample, mean |diff|.
+    factor_t = task.paraphraser.apply({"params": task.frozen["paraphraser"]}, t_feats[-1],
+                                      method=ft_models.Paraphraser.encode)
+    factor_s = task.translator.apply({"params": params["translator"]}, s_feats[-1])
+
+    def unit(f):
+      f = np.asarray(f, np.float64).reshape(len(f), -1)
+      return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+    ft_term = np.mean(np.abs(unit(factor_s) - unit(factor_t)))
+    assert float(metrics["ft"]) == pytest.approx(ft_term, rel=2e-5)
+    assert "embedding" not in metrics
   if method == "embedding_only":
     assert "teacher_decoder" not in task.frozen  # not even loaded
     assert float(loss) == pytest.approx(10 * feat, rel=2e-5)
@@ -69,7 +86,9 @@ def test_student_loss_composition(method):
   perc = sum(_np_mse(a, b) for a, b in zip(enc.apply(
       {"params": task.frozen["teacher_encoder"]}, rec, return_all=True), t_feats))
   want = {"collaborative": 10 * feat + pix + 0.7 * perc,
-          "reconstruction_only": pix + 0.7 * perc}[method]
+          "reconstruction_only": pix + 0.7 * perc,
+          "factor_transfer": (50 * ft_term if ft_term is not None else 0) + pix + 0.7 * perc,
+          }[method]
   assert float(loss) == pytest.approx(want, rel=2e-5)
   assert float(metrics["pixel"]) == pytest.approx(pix, rel=2e-5)
   assert ("embedding" in metrics) == (method == "collaborative")

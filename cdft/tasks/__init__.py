@@ -25,6 +25,10 @@ _REGISTRY = {
     "cd_decoder": "cdft.tasks.style:DecoderTask",
     "cd_student": "cdft.tasks.style:StudentEncoderTask",
     "cd_small_decoder": "cdft.tasks.style:SmallDecoderTask",
+    "cd_paraphraser": "cdft.tasks.style:ParaphraserTask",
+    "classifier": "cdft.tasks.classification:ClassifierTask",
+    "ft_paraphraser": "cdft.tasks.classification:ParaphraserTask",
+    "ft_student": "cdft.tasks.classification:StudentTask",
 }
 
 

@@ -10,6 +10,12 @@
 3. :class:`SmallDecoderTask` (``cd_small_decoder``): the small decoder of the
    frozen student encoder, loss (1) with the teacher VGG as perceptual network.
 
+Factor Transfer in place of the embedding loss (``distill.method =
+'factor_transfer'``): :class:`ParaphraserTask` (``cd_paraphraser``) first
+trains a paraphraser on the frozen teacher's relu{k}_1; the student then
+matches ``β_ft·L_FT(translator(F′_k), paraphraser(F_k))`` (spec ft.md §2.2)
+while Q_k·F′_k still drives the teacher decoder (the collaborative term).
+
 Weights are named by strings in the config (see :func:`load_weights`).
 """
 import os
@@ -22,8 +28,9 @@ import numpy as np
 from cdft import losses
 from cdft import models
 from cdft.errors import CdftError
+from cdft.models import factor_transfer as ft_models
 
-METHODS = ("collaborative", "embedding_only", "reconstruction_only")
+METHODS = ("collaborative", "embedding_only", "reconstruction_only", "factor_transfer")
 
 
 def _probe(stage):
@@ -209,6 +216,14 @@ class StudentEncoderTask(_StyleTask):
       self.frozen["teacher_decoder"] = load_weights(
           config.teacher.decoder, "decoder", self.stage, config.teacher.preset,
           seed=config.seed + 102, weights_dir=config.weights_dir or None)
+    if method == "factor_transfer":
+      from cdft.tasks import classification  # pylint: disable=import-outside-toplevel
+      d = config.distill
+      self.paraphraser, self.frozen["paraphraser"] = classification.load_paraphraser(
+          d.paraphraser, self.teacher_encoder.widths[self.stage - 1], d.rate,
+          seed=config.seed + 104, weights_dir=config.weights_dir or None)
+      self.translator = ft_models.Translator(self.encoder.widths[self.stage - 1],
+                                             self.paraphraser.factor_channels)
 
   def init(self, rng, batch):
     del batch
@@ -223,7 +238,11 @@ class StudentEncoderTask(_StyleTask):
     # The embedding heads Q_i start fresh, as in the official pruning tool
     # (the *_aux tensors of the base files are PyTorch's default init).
     embedding = load_weights("random", "embedding", self.stage, s.preset, seed=seed + 1)
-    return {"params": {"encoder": encoder, "embedding": embedding}, "model_state": {}}
+    params = {"encoder": encoder, "embedding": embedding}
+    if self.method == "factor_transfer":
+      probe = np.zeros((1, 2, 2, self.translator.in_channels), np.float32)
+      params["translator"] = _random_params(self.translator, probe, seed + 2)
+    return {"params": params, "model_state": {}}
 
   def loss(self, params, model_state, frozen, batch, rng):
     del rng
@@ -234,7 +253,16 @@ class StudentEncoderTask(_StyleTask):
     embedded = self.embedding.apply({"params": params["embedding"]}, s_feats)
     metrics = {}
     loss = 0.0
-    if self.method != "reconstruction_only":
+    if self.method == "factor_transfer":
+      # FT on relu{k}_1 replaces the embedding loss; of the heads Q_i only Q_k is
+      # used (by the reconstruction below), the others get no gradient.
+      factor_t = self.paraphraser.apply({"params": frozen["paraphraser"]}, t_feats[-1],
+                                        method=ft_models.Paraphraser.encode)
+      factor_s = self.translator.apply({"params": params["translator"]}, s_feats[-1])
+      ft_term = ft_models.ft_loss(factor_s, jax.lax.stop_gradient(factor_t))
+      metrics["ft"] = ft_term
+      loss = loss + d.beta_ft * ft_term
+    elif self.method != "reconstruction_only":
       feat = losses.embedding(embedded, t_feats)
       metrics["embedding"] = feat
       loss = loss + d.beta * feat
@@ -244,6 +272,42 @@ class StudentEncoderTask(_StyleTask):
       rec_loss, rec_metrics = self._reconstruction(frozen, rec, image, t_feats)
       metrics.update(rec_metrics)
       loss = loss + rec_loss
+    return loss, (metrics, model_state)
+
+
+class ParaphraserTask(_StyleTask):
+  """Pretrains the Factor Transfer paraphraser on the teacher's relu{k}_1 (``cd_paraphraser``).
+
+  The paraphraser reconstructs the frozen teacher encoder's last feature
+  (a constant), L1 as the official FT code or MSE (``loss.reconstruction``);
+  a ``cd_student`` run with ``distill.method = 'factor_transfer'`` reads it.
+  """
+
+  def __init__(self, config):
+    super().__init__(config)
+    from cdft.tasks import classification  # pylint: disable=import-outside-toplevel
+    self.reconstruction_loss = classification.reconstruction_loss
+    self.kind = config.loss.reconstruction
+    if self.kind not in classification.RECONSTRUCTION:
+      raise CdftError(f"config.loss.reconstruction: unknown loss {self.kind!r}; choose from "
+                      f"{', '.join(classification.RECONSTRUCTION)}")
+    channels = self.teacher_encoder.widths[self.stage - 1]
+    ft_models.factor_channels(channels, float(config.paraphraser.rate))  # a usable rate
+    self.paraphraser = ft_models.Paraphraser(channels, float(config.paraphraser.rate))
+
+  def init(self, rng, batch):
+    del batch
+    probe = np.zeros((1, 2, 2, self.paraphraser.in_channels), np.float32)
+    return {"params": {"paraphraser": self.paraphraser.init(rng, probe)["params"]},
+            "model_state": {}}
+
+  def loss(self, params, model_state, frozen, batch, rng):
+    del rng
+    target = jax.lax.stop_gradient(self._teacher_feats(frozen, batch["image"])[-1])
+    rec = self.paraphraser.apply({"params": params["paraphraser"]}, target)
+    loss = self.reconstruction_loss(rec, target, self.kind)
+    diff = rec - target
+    metrics = {"l1": jnp.mean(jnp.abs(diff)), "mse": jnp.mean(jnp.square(diff))}
     return loss, (metrics, model_state)
 
 

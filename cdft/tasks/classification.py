@@ -1,0 +1,501 @@
+"""The Factor Transfer training steps on CIFAR-style classification (spec ft.md §2).
+
+1. :class:`ClassifierTask` (``classifier``): a teacher (or baseline) classifier,
+   cross-entropy with train-mode BatchNorm (the ``batch_stats`` are the model
+   state); evaluation = eval-mode accuracy and cross-entropy.
+2. :class:`ParaphraserTask` (``ft_paraphraser``): the paraphraser, trained
+   unsupervised to reconstruct the frozen teacher's FT tap (eval-mode teacher,
+   its feature a constant): L1 as the official code, or MSE (RD/KDZ/TD).
+3. :class:`StudentTask` (``ft_student``): a student trained with cross-entropy
+   plus one distillation term, ``distill.method``:
+
+   - ``none``: the plain student (no teacher);
+   - ``kd``: Hinton KD, ``(1 - α)·CE + α·T²·KL`` (RD: α = 0.9, T = 4);
+   - ``fitnets``: ``CE + β·MSE(regressor(student hint), teacher hint)``, the
+     conv-BN-ReLU regressor trained jointly (RD: β = 100, layer2);
+   - ``at``: ``CE + β·Σ_layers AT`` over the three groups (RD: β = 1000);
+   - ``ft``: ``CE + β·L_FT(translator(student tap), paraphraser(teacher tap))``,
+     the official loss (mean reduction, β = 500); the translator is trained
+     with the student (same optimizer), the paraphraser and teacher are frozen
+     in eval mode and the teacher factor is a constant.
+
+   Evaluation = the student's eval-mode accuracy.
+
+Trainable parameters are dicts keyed by role (``classifier``; ``paraphraser``;
+``student`` + ``translator`` / ``regressor``) and so are the BatchNorm states,
+so a later step finds a network in an earlier run's workdir by its role.
+Frozen networks are named by strings in the config: ``'random'`` (fresh
+init, for tests and benchmarks), the workdir of an earlier run, or a PyTorch
+``.pth`` file (teacher: a classifier state dict; paraphraser: the official
+``Paraphraser.pth`` format, or ``'released'`` for the model-zoo one).
+:func:`load_paraphraser` and :func:`reconstruction_loss` are shared with the
+Factor Transfer variant of the CD student (:mod:`cdft.tasks.style`).
+"""
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cdft import models
+from cdft.errors import CdftError
+from cdft.models import factor_transfer as ft
+
+METHODS = ("none", "kd", "fitnets", "at", "ft")
+RECONSTRUCTION = ("l1", "mse")
+AT_LAYERS = ("layer1", "layer2", "layer3")  # RD: feat[1:-1], the three group outputs.
+_PROBE = np.zeros((1, 32, 32, 3), np.float32)  # Parameter shapes do not depend on H x W.
+
+# Classes of the labelled datasets of cdft.data.sources.
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
+# Per-channel mean / std of the 1,500 training digits (32 x 32, values in [0, 1]).
+DIGITS_MEAN = (0.3054, 0.3054, 0.3054)
+DIGITS_STD = (0.3221, 0.3221, 0.3221)
+
+
+def input_config(dataset, split, train=True, padding_mode="constant"):
+  """``config.input`` (or ``config.eval_input``) for a labelled 32 x 32 dataset.
+
+  Training: the official FT augmentation (zero-pad 4, random 32 x 32 crop,
+  horizontal flip; digits are not flipped: a mirrored digit is another shape),
+  then per-channel normalisation; evaluation: the normalisation only.
+
+  Args:
+    dataset: 'cifar10', 'cifar100' or 'digits'.
+    split: 'train' / 'test' (TFDS slicing such as 'train[:90%]' for CIFAR).
+    train: augmentation (training) or not (evaluation).
+    padding_mode: 'constant' (torchvision RandomCrop(32, padding=4)) or
+      'reflect' (the official code's unused CIFAR-100 loader).
+  """
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  if dataset not in NUM_CLASSES:
+    raise CdftError(f"unknown dataset {dataset!r}; choose from {', '.join(NUM_CLASSES)}")
+  inp = ml_collections.ConfigDict()
+  inp.dataset = dataset  # cdft.data.sources name: 'cifar10' | 'cifar100' | 'digits'.
+  inp.split = split  # Split ('train' / 'test').
+  inp.data_dir = ""  # TFDS data_dir of the prepared CIFAR ('' = TFDS default).
+  inp.manual_dir = ""  # Unused by these datasets.
+  inp.preprocess = "cifar_train" if train else "cifar_eval"  # cdft.data.preprocess op.
+  inp.pp = ml_collections.ConfigDict()  # Keyword arguments of the preprocessing.
+  if dataset == "digits":
+    inp.pp.stats = "none"  # No CIFAR statistics ...
+    inp.pp.mean = DIGITS_MEAN  # ... the digits' own mean ...
+    inp.pp.std = DIGITS_STD  # ... and standard deviation.
+  else:
+    inp.pp.stats = dataset  # Normalisation (official FT CIFAR-10 / CIFAR-100 numbers).
+  if train:
+    inp.pp.pad = 4  # Padding before the random crop (official: 4).
+    inp.pp.crop = 32  # Random crop side (official: 32).
+    inp.pp.flip = dataset != "digits"  # Random horizontal flip (official: yes on CIFAR).
+    inp.pp.padding_mode = padding_mode  # 'constant' (zeros, official) | 'reflect'.
+  return inp
+
+
+def build_classifier(name, num_classes, widths=()):
+  """A CIFAR classifier of :func:`cdft.models.get_classifier`.
+
+  Args:
+    name: 'resnet20', 'resnet32', 'resnet56', 'resnet110', 'wrn_16_2', 'wrn_40_1'
+      or 'wrn_40_2'.
+    num_classes: classifier outputs.
+    widths: optional ResNet stem/group widths (3 positive ints, e.g. (8, 16, 32)
+      for a narrow test network); () keeps the standard 16/32/64.
+
+  Raises:
+    CdftError: unknown name, or widths that do not fit the model.
+  """
+  widths = tuple(int(w) for w in (widths or ()))
+  kwargs = {}
+  if widths:
+    if not name.startswith("resnet"):
+      raise CdftError(f"widths {widths} only apply to the CIFAR ResNets, not {name!r}")
+    if len(widths) != 3 or min(widths) < 1:
+      raise CdftError(f"ResNet widths must be 3 positive integers (stem/groups), got {widths}")
+    kwargs["widths"] = widths
+  if int(num_classes) < 2:
+    raise CdftError(f"num_classes must be >= 2, got {num_classes}")
+  try:
+    return models.get_classifier(name, int(num_classes), **kwargs)
+  except ValueError as e:
+    raise CdftError(str(e)) from None
+
+
+def _expand(spec):
+  return pathlib.Path(os.path.expanduser(str(spec)))
+
+
+def _require_labels(batch, who):
+  if "label" not in batch:
+    raise CdftError(f"{who} needs labelled data: the input batches have no 'label' "
+                    f"(keys {sorted(batch)}); use a labelled dataset (cifar10, cifar100, digits)")
+
+
+def _check_labels(batch, num_classes, who):
+  _require_labels(batch, who)
+  labels = np.asarray(batch["label"])
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise CdftError(f"{who}: labels in [{labels.min()}, {labels.max()}] do not fit "
+                    f"num_classes={num_classes} (set config.num_classes for the dataset)")
+
+
+def reconstruction_loss(rec, target, kind="l1"):
+  """Paraphraser reconstruction loss, mean over all elements.
+
+  Args:
+    rec: the paraphraser's reconstruction.
+    target: the teacher feature (treated as a constant).
+    kind: 'l1' (official ``nn.L1Loss``) or 'mse' (RD, KDZ, TD).
+  """
+  if kind not in RECONSTRUCTION:
+    raise CdftError(f"loss.reconstruction: unknown loss {kind!r}; choose from "
+                    f"{', '.join(RECONSTRUCTION)}")
+  if rec.shape != target.shape:
+    raise CdftError(f"reconstruction {tuple(rec.shape)} and target {tuple(target.shape)} "
+                    "shapes differ")
+  diff = rec.astype(jnp.float32) - jax.lax.stop_gradient(target).astype(jnp.float32)
+  return jnp.mean(jnp.abs(diff)) if kind == "l1" else jnp.mean(jnp.square(diff))
+
+
+def _workdir_params(path, role, what):
+  from cdft.training import checkpointing  # pylint: disable=import-outside-toplevel
+  params, cfg = checkpointing.restore_params(path)
+  if role not in params:
+    raise CdftError(f"{path}: the run (task {cfg.get('task')!r}) has no {role!r} parameters "
+                    f"to use as {what} (it has {sorted(params)})")
+  return params[role]
+
+
+def _check_tree(loaded, expected, where, what):
+  """Raises CdftError unless ``loaded`` has ``expected``'s structure and shapes."""
+  want = jax.tree_util.tree_flatten_with_path(expected)[0]
+  got = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
+  got_paths = {jax.tree_util.keystr(p): v for p, v in got.items()}
+  for path, leaf in want:
+    key = jax.tree_util.keystr(path)
+    if key not in got_paths:
+      raise CdftError(f"{where}: {what} has no tensor {key} (another architecture?)")
+    if tuple(np.shape(got_paths[key])) != tuple(leaf.shape):
+      raise CdftError(f"{where}: {what} tensor {key} has shape {np.shape(got_paths[key])}, "
+                      f"expected {tuple(leaf.shape)} (another architecture or width?)")
+  if len(got_paths) != len(want):
+    raise CdftError(f"{where}: {what} has {len(got_paths)} tensors, expected {len(want)} "
+                    "(another architecture?)")
+
+
+def load_classifier(spec, name, num_classes, widths=(), seed=0):
+  """Variables ``{'params', 'batch_stats'}`` (host numpy) of a frozen classifier.
+
+  Args:
+    spec: ``'random'`` (fresh init from ``seed``), the workdir of a
+      ``classifier`` run (its ``classifier`` network) or of an ``ft_student`` run
+      (its ``student``), or a PyTorch state-dict file (``.pth``/``.pt``).
+    name, num_classes, widths: the architecture (see :func:`build_classifier`).
+    seed: for ``'random'``.
+
+  Returns:
+    ``(module, variables)``.
+  """
+  module = build_classifier(name, num_classes, widths)
+  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), _PROBE))
+  if spec == "random":
+    variables = jax.device_get(module.init(jax.random.key(seed), _PROBE))
+    return module, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  path = _expand(spec)
+  if path.is_dir():
+    from cdft.training import checkpointing  # pylint: disable=import-outside-toplevel
+    variables, cfg = checkpointing.restore_variables(path)
+    role = "classifier" if "classifier" in variables["params"] else "student"
+    if role not in variables["params"]:
+      raise CdftError(f"{path}: the run (task {cfg.get('task')!r}) holds no classifier "
+                      f"(parameters {sorted(variables['params'])})")
+    saved = cfg.get("model", {}).get("name") if role == "classifier" else \
+        cfg.get("student", {}).get("model")
+    if saved and saved != name:
+      raise CdftError(f"{path}: the run trained a {saved}, but the config asks for a {name}")
+    params = variables["params"][role]
+    stats = (variables.get("model_state") or {}).get(role, {})
+  elif path.is_file() and path.suffix in (".pth", ".pt"):
+    from cdft.weights import ft as ft_weights  # pylint: disable=import-outside-toplevel
+    from cdft.weights import torch_format  # pylint: disable=import-outside-toplevel
+    state = torch_format.state_dict(torch_format.load(path), str(path))
+    converted = ft_weights.classifier_from_state(module, state, str(path))
+    params, stats = converted["params"], converted.get("batch_stats", {})
+  else:
+    raise CdftError(f"{spec}: no such training workdir or .pth file for the {name} "
+                    "(or use 'random')")
+  variables = {"params": params, "batch_stats": stats}
+  _check_tree(variables, abstract, str(spec), f"the {name}")
+  return module, jax.device_get(variables)
+
+
+def load_paraphraser(spec, in_channels, rate=0.5, seed=0, weights_dir=None):
+  """A frozen paraphraser for a feature map of ``in_channels`` channels.
+
+  Args:
+    spec: ``'random'`` (fresh init from ``seed`` with ``rate``), the workdir of
+      an ``ft_paraphraser`` / ``cd_paraphraser`` run, an official
+      ``Paraphraser.pth`` file, or ``'released'`` (the released ResNet-56 one
+      from the model zoo, ``weights_dir`` / $CDFT_WEIGHTS_DIR). The rate of a
+      loaded paraphraser is its own (read from its shapes).
+    in_channels: m, the channels of the teacher feature it reads.
+    rate: paraphrase rate k for ``'random'``.
+    seed: for ``'random'``.
+    weights_dir: model-zoo folder for ``'released'``.
+
+  Returns:
+    ``(Paraphraser module, params)`` (host numpy).
+
+  Raises:
+    CdftError: missing files/runs, or a paraphraser of another width.
+  """
+  if spec == "random":
+    module = ft.Paraphraser(int(in_channels), float(rate))
+    probe = np.zeros((1, 2, 2, int(in_channels)), np.float32)
+    return module, jax.device_get(module.init(jax.random.key(seed), probe)["params"])
+  path = _expand(spec)
+  if spec == "released" or (path.is_file() and path.suffix in (".pth", ".pt")):
+    from cdft.weights import ft as ft_weights  # pylint: disable=import-outside-toplevel
+    if spec == "released":
+      _, variables = ft_weights.load_ft_paraphraser(weights_dir=weights_dir)
+    else:  # the file's own rate, from its conv0 (m -> m) and conv1 (m -> f) weights
+      from cdft.weights import torch_format  # pylint: disable=import-outside-toplevel
+      state = torch_format.state_dict(torch_format.load(path), str(path))
+      shapes = {k: np.shape(state.get(f"{k}.weight", ())) for k in ("conv0", "conv1")}
+      if len(shapes["conv0"]) != 4 or len(shapes["conv1"]) != 4:
+        raise CdftError(f"{path}: not an official Paraphraser file (no 4-D conv0/conv1 "
+                        "weights)")
+      rate = shapes["conv1"][0] / shapes["conv0"][1]
+      _, variables = ft_weights.paraphraser_from_state(state, rate=rate, source=str(path))
+    params = variables["params"]
+  elif path.is_dir():
+    params = _workdir_params(path, "paraphraser", "the paraphraser")
+  else:
+    raise CdftError(f"{spec}: no such paraphraser workdir or .pth file (or use 'random', "
+                    "'released')")
+  try:
+    m = int(np.shape(params["conv0"]["kernel"])[2])
+    f = int(np.shape(params["conv1"]["kernel"])[3])
+  except (KeyError, TypeError, IndexError):
+    raise CdftError(f"{spec}: not paraphraser parameters (no conv0/conv1 kernels)") from None
+  if m != int(in_channels):
+    raise CdftError(f"{spec}: the paraphraser reads {m}-channel features, but the teacher "
+                    f"feature has {in_channels} channels")
+  module = ft.Paraphraser(m, f / m)
+  probe = np.zeros((1, 2, 2, m), np.float32)
+  _check_tree(params, jax.eval_shape(lambda: module.init(jax.random.key(0), probe))["params"],
+              str(spec), "the paraphraser")
+  return module, jax.device_get(params)
+
+
+def _eval_sums(logits, labels, mask):
+  """Masked sums of correct predictions and cross-entropy, and the count."""
+  mask = mask.astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return {"accuracy": jnp.sum(correct * mask), "ce": jnp.sum(ce * mask),
+          "count": jnp.sum(mask)}
+
+
+def _ce_and_accuracy(logits, labels):
+  ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+  return ce, accuracy
+
+
+class _Task:
+  """Shared pieces: the config and the held-out split."""
+
+  def __init__(self, config):
+    self.config = config
+    self.num_classes = int(config.num_classes)
+    self.eval_input = config.get("eval_input")
+    self.frozen = {}
+
+  def _teacher(self, teacher_cfg):
+    module, variables = load_classifier(
+        teacher_cfg.workdir, teacher_cfg.model, self.num_classes, teacher_cfg.widths,
+        seed=self.config.seed + 201)
+    return module, variables
+
+  def _teacher_shapes(self, batch=None):
+    """Shapes of the teacher's features for one example of ``batch`` (default 32 x 32)."""
+    image = _PROBE if batch is None else np.asarray(batch["image"][:1])
+    return jax.eval_shape(lambda: self.teacher.apply(self.frozen["teacher"], image,
+                                                     train=False)[1])
+
+  def _teacher_apply(self, frozen, image):
+    """Eval-mode teacher: ``(logits, feats)``, constants."""
+    out = self.teacher.apply(frozen["teacher"], image, train=False)
+    return jax.lax.stop_gradient(out)
+
+
+class ClassifierTask(_Task):
+  """Trains a classifier with cross-entropy (``classifier``: the FT teacher)."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    m = config.model
+    self.model = build_classifier(m.name, self.num_classes, m.widths)
+
+  def init(self, rng, batch):
+    _check_labels(batch, self.num_classes, "task 'classifier'")
+    variables = self.model.init(rng, np.asarray(batch["image"][:1]))
+    return {"params": {"classifier": variables["params"]},
+            "model_state": {"classifier": variables["batch_stats"]}}
+
+  def loss(self, params, model_state, frozen, batch, rng):
+    del frozen, rng
+    (logits, _), new = self.model.apply(
+        {"params": params["classifier"], "batch_stats": model_state["classifier"]},
+        batch["image"], train=True, mutable=["batch_stats"])
+    ce, accuracy = _ce_and_accuracy(logits, batch["label"])
+    return ce, ({"ce": ce, "accuracy": accuracy}, {"classifier": new["batch_stats"]})
+
+  def evaluate(self, params, model_state, frozen, batch):
+    del frozen
+    logits, _ = self.model.apply(
+        {"params": params["classifier"], "batch_stats": model_state["classifier"]},
+        batch["image"], train=False)
+    return _eval_sums(logits, batch["label"], batch["mask"])
+
+
+class ParaphraserTask(_Task):
+  """Trains the paraphraser on the frozen teacher's FT tap (``ft_paraphraser``)."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.reconstruction = config.loss.reconstruction
+    if self.reconstruction not in RECONSTRUCTION:
+      raise CdftError(f"config.loss.reconstruction: unknown loss {self.reconstruction!r}; "
+                      f"choose from {', '.join(RECONSTRUCTION)}")
+    self.teacher, self.frozen["teacher"] = self._teacher(config.teacher)
+    channels = int(self._teacher_shapes()["ft"].shape[-1])
+    ft.factor_channels(channels, float(config.paraphraser.rate))  # a usable rate
+    self.paraphraser = ft.Paraphraser(channels, float(config.paraphraser.rate))
+
+  def init(self, rng, batch):
+    probe = np.zeros(self._teacher_shapes(batch)["ft"].shape, np.float32)
+    return {"params": {"paraphraser": self.paraphraser.init(rng, probe)["params"]},
+            "model_state": {}}
+
+  def loss(self, params, model_state, frozen, batch, rng):
+    del rng
+    _, feats = self._teacher_apply(frozen, batch["image"])
+    target = feats["ft"]
+    rec = self.paraphraser.apply({"params": params["paraphraser"]}, target)
+    loss = reconstruction_loss(rec, target, self.reconstruction)
+    diff = rec - target
+    metrics = {"l1": jnp.mean(jnp.abs(diff)), "mse": jnp.mean(jnp.square(diff))}
+    return loss, (metrics, model_state)
+
+
+class StudentTask(_Task):
+  """Trains a student classifier with ``distill.method`` (``ft_student``)."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    d = config.distill
+    if d.method not in METHODS:
+      raise CdftError(f"config.distill.method: unknown method {d.method!r}; choose from "
+                      f"{', '.join(METHODS)}")
+    self.method = d.method
+    s = config.student
+    self.student = build_classifier(s.model, self.num_classes, s.widths)
+    self.teacher = None
+    self.head = None  # the trained translator / regressor, if any
+    if self.method == "none":
+      return
+    if self.method == "kd" and not 0.0 <= float(d.kd_alpha) <= 1.0:
+      raise CdftError(f"config.distill.kd_alpha must be in [0, 1], got {d.kd_alpha}")
+    self.teacher, self.frozen["teacher"] = self._teacher(config.teacher)
+    t_feats = self._teacher_shapes()
+    s_feats = self._student_shapes()
+    if self.method == "ft":
+      self.paraphraser, self.frozen["paraphraser"] = load_paraphraser(
+          d.paraphraser, int(t_feats["ft"].shape[-1]), d.rate, seed=config.seed + 202,
+          weights_dir=config.get("weights_dir") or None)
+      self.head_name, self.head_input = "translator", "ft"
+      self.head = ft.Translator(int(s_feats["ft"].shape[-1]), self.paraphraser.factor_channels)
+    elif self.method == "fitnets":
+      if d.hint_layer not in AT_LAYERS:
+        raise CdftError(f"config.distill.hint_layer: unknown layer {d.hint_layer!r}; choose "
+                        f"from {', '.join(AT_LAYERS)}")
+      # RD's ConvReg for equal spatial sizes: conv3x3 -> BN -> ReLU.
+      self.head_name, self.head_input = "regressor", d.hint_layer
+      self.head = ft.HintRegressor(int(t_feats[d.hint_layer].shape[-1]), kernel_size=3)
+
+  def _student_shapes(self, batch=None):
+    image = _PROBE if batch is None else np.asarray(batch["image"][:1])
+    return jax.eval_shape(lambda: self.student.apply(
+        self.student.init(jax.random.key(0), image), image, train=False)[1])
+
+  def init(self, rng, batch):
+    _check_labels(batch, self.num_classes, "task 'ft_student'")
+    k_student, k_head = jax.random.split(rng)
+    variables = self.student.init(k_student, np.asarray(batch["image"][:1]))
+    params = {"student": variables["params"]}
+    state = {"student": variables["batch_stats"]}
+    if self.method in ("none", "kd"):
+      return {"params": params, "model_state": state}
+    s_feats, t_feats = self._student_shapes(batch), self._teacher_shapes(batch)
+    compared = AT_LAYERS if self.method == "at" else (self.head_input,)
+    for layer in compared:
+      s, t = s_feats[layer], t_feats[layer]
+      if s.shape[1:3] != t.shape[1:3]:
+        raise CdftError(f"{self.method}: student {layer} {tuple(s.shape[1:])} and teacher "
+                        f"{layer} {tuple(t.shape[1:])} differ in spatial size")
+    if self.head is not None:
+      head = self.head.init(k_head, np.zeros(s_feats[self.head_input].shape, np.float32))
+      params[self.head_name] = head["params"]
+      if "batch_stats" in head:
+        state[self.head_name] = head["batch_stats"]
+    return {"params": params, "model_state": state}
+
+  def loss(self, params, model_state, frozen, batch, rng):
+    del rng
+    d = self.config.distill
+    image, labels = batch["image"], batch["label"]
+    (logits, s_feats), new = self.student.apply(
+        {"params": params["student"], "batch_stats": model_state["student"]},
+        image, train=True, mutable=["batch_stats"])
+    new_state = {"student": new["batch_stats"]}
+    ce, accuracy = _ce_and_accuracy(logits, labels)
+    metrics = {"ce": ce, "accuracy": accuracy}
+    if self.method == "none":
+      return ce, (metrics, new_state)
+    t_logits, t_feats = self._teacher_apply(frozen, image)
+    if self.method == "kd":
+      kd = ft.kd_loss(logits, t_logits, d.kd_temperature)
+      metrics["kd"] = kd
+      loss = (1.0 - d.kd_alpha) * ce + d.kd_alpha * kd
+    elif self.method == "fitnets":
+      regressed, head = self.head.apply(
+          {"params": params["regressor"], "batch_stats": model_state["regressor"]},
+          s_feats[d.hint_layer], train=True, mutable=["batch_stats"])
+      new_state["regressor"] = head["batch_stats"]
+      hint = ft.hint_loss(regressed, t_feats[d.hint_layer])
+      metrics["hint"] = hint
+      loss = ce + d.beta_fitnets * hint
+    elif self.method == "at":
+      at = ft.attention_transfer_loss([s_feats[k] for k in AT_LAYERS],
+                                      [t_feats[k] for k in AT_LAYERS])
+      metrics["at"] = at
+      loss = ce + d.beta_at * at
+    else:  # ft
+      factor_t = jax.lax.stop_gradient(self.paraphraser.apply(
+          {"params": frozen["paraphraser"]}, t_feats["ft"], method=ft.Paraphraser.encode))
+      factor_s = self.head.apply({"params": params["translator"]}, s_feats["ft"])
+      ft_term = ft.ft_loss(factor_s, factor_t)
+      metrics["ft"] = ft_term
+      loss = ce + d.beta_ft * ft_term
+    return loss, (metrics, new_state)
+
+  def evaluate(self, params, model_state, frozen, batch):
+    del frozen
+    logits, _ = self.student.apply(
+        {"params": params["student"], "batch_stats": model_state["student"]},
+        batch["image"], train=False)
+    return _eval_sums(logits, batch["label"], batch["mask"])
+
