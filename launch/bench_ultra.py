@@ -41,6 +41,8 @@ def _content(args, name):
 
 
 def child(args):
+  from cdft.stylize import cpu_tuning
+  cpu_tuning.use_eigen_convolutions()  # as cdft-stylize
   from PIL import Image
   from cdft.stylize import cascade, tiled
   from cdft.weights import pretrained

@@ -12,6 +12,7 @@ level 5); nothing is resized back.
 """
 import dataclasses
 import functools
+import threading
 import time
 from typing import Callable, Optional, Sequence
 
@@ -34,13 +35,8 @@ class LevelModel:
   decoder_params: dict
 
 
-@functools.lru_cache(maxsize=None)
-def _level_program(encoder, decoder, stats_dtype):
-  """The jitted function of one level: image, styles -> stylized image.
-
-  Cached per (modules, dtype), so every Stylizer with the same architecture
-  shares its compiled programs.
-  """
+def _level_fn(encoder, decoder, stats_dtype):
+  """One level as a traceable function: image, styles -> stylized image."""
 
   def stats(params, img):
     return wct.feature_stats(wct.flatten(encoder.apply(params, img)), stats_dtype)
@@ -52,6 +48,53 @@ def _level_program(encoder, decoder, stats_dtype):
     m, b = wct.wct_matrix(cs, targets, alpha)
     # WCT is the affine map f @ M.T + b: folded into the decoder's first conv.
     return decoder.apply(dec_params, cf, input_affine=wct.as_affine(m, b, cf.dtype))
+
+  return run
+
+
+@functools.lru_cache(maxsize=None)
+def _level_program(encoder, decoder, stats_dtype):
+  """The jitted function of one level: image, styles -> stylized image.
+
+  Cached per (modules, dtype), so every Stylizer with the same architecture
+  shares its compiled programs.
+  """
+  return jax.jit(_level_fn(encoder, decoder, stats_dtype))
+
+
+# The progress sink of the cascade program running now (see _cascade_program).
+# Host callbacks run on XLA's threads, so this is process-wide: a lock lets one
+# cascade run at a time per process (they would share the CPU anyway).
+_RUN_LOCK = threading.Lock()
+_LEVEL_DONE = {"sink": None}
+
+
+def _level_done(level, _):
+  sink = _LEVEL_DONE["sink"]
+  if sink is not None:
+    sink(int(level))
+
+
+@functools.lru_cache(maxsize=None)
+def _cascade_program(modules, stats_dtype):
+  """The whole cascade as one jitted program: image, styles -> stylized image.
+
+  ``modules`` is a tuple of ``(level, encoder, decoder)`` in the order run.
+  One program instead of one per level lets XLA place every level's
+  temporaries in one buffer that is allocated (and page-faulted in) once per
+  cascade rather than once per level: at 2048^2 that is ~1.6 GB of fresh
+  memory instead of ~6 GB, a quarter less CPU time. After each level an
+  ordered host callback reports it (progress), after that level's output
+  exists.
+  """
+  levels = [(k, _level_fn(enc, dec, stats_dtype)) for k, enc, dec in modules]
+
+  def run(params, content, styles, style_weights, alpha):
+    img = content
+    for (k, level), (enc_params, dec_params) in zip(levels, params):
+      img = level(enc_params, dec_params, img, styles, style_weights, alpha)
+      jax.debug.callback(_level_done, k, img[0, 0, 0, 0], ordered=True)
+    return img
 
   return jax.jit(run)
 
@@ -104,7 +147,7 @@ class Stylizer:
 
   def stylize(self, content, styles, alpha=1.0, levels=DEFAULT_LEVELS, style_weights=None,
               callback: Optional[Callable[[int, float], None]] = None):
-    """The cascade over ``levels`` (default 5, 4, 3, 2, 1).
+    """The cascade over ``levels`` (default 5, 4, 3, 2, 1), as one compiled program.
 
     Args:
       content: (H, W, 3) or (1, H, W, 3) float image in [0, 1].
@@ -112,22 +155,51 @@ class Stylizer:
       alpha: style strength applied at every level (as the official code).
       levels: the order of levels to run.
       style_weights: blend weights of several styles.
-      callback: called as ``callback(level, seconds)`` after each level.
+      callback: called as ``callback(level, seconds)`` as each level finishes
+        (seconds since the previous level finished, or since the start).
 
     Returns:
       (H', W', 3) float32 numpy image, not clamped.
     """
     if isinstance(styles, (np.ndarray, jax.Array)):
       styles = [styles]
-    styles = [_batched(s) for s in styles]
+    styles = tuple(_batched(s) for s in styles)
     img = _batched(content)
-    for k in levels:
-      t0 = time.perf_counter()
-      img = self.level(k, img, styles, alpha, style_weights)
-      img.block_until_ready()
+    levels = tuple(levels)
+    missing = [k for k in levels if k not in self.levels]
+    if missing:
+      raise ValueError(f"level {missing[0]} is not loaded (have {sorted(self.levels)})")
+    for x in (img,) + styles:
+      if x.ndim != 4 or x.shape[0] != 1 or x.shape[-1] != 3:
+        raise ValueError(f"images must be (1, H, W, 3), got {tuple(x.shape)}")
+    if style_weights is None:
+      style_weights = [1.0] * len(styles)
+    if len(style_weights) != len(styles):
+      raise ValueError(f"{len(style_weights)} style weights for {len(styles)} styles")
+    program = _cascade_program(
+        tuple((k, self.levels[k].encoder, self.levels[k].decoder) for k in levels),
+        self.stats_dtype)
+    params = tuple((self.levels[k].encoder_params, self.levels[k].decoder_params)
+                   for k in levels)
+    last = [time.perf_counter()]
+
+    def sink(k):
+      now = time.perf_counter()
       if callback is not None:
-        callback(k, time.perf_counter() - t0)
-    return np.asarray(img[0])
+        callback(k, now - last[0])
+      last[0] = now
+
+    with _RUN_LOCK:
+      _LEVEL_DONE["sink"] = sink
+      try:
+        with wct.x64_scope(self.stats_dtype):
+          out = program(params, img, styles, jnp.asarray(style_weights, jnp.float32),
+                        jnp.float32(alpha))
+          out.block_until_ready()
+          jax.effects_barrier()  # every level's callback has run
+      finally:
+        _LEVEL_DONE["sink"] = None
+    return np.asarray(out[0])
 
 
 def _batched(x):

@@ -15,6 +15,7 @@ import sys
 import time
 
 from cdft.errors import CdftError, ImageError
+from cdft.stylize import cpu_tuning
 
 
 def _levels(text):
@@ -230,6 +231,7 @@ def _tile_progress(out, every_s=2.0):
 
 def main(argv=None):
   args = build_parser().parse_args(argv)
+  cpu_tuning.use_eigen_convolutions()  # before jax starts its backend
   try:
     run(args)
   except CdftError as e:

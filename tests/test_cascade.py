@@ -1,0 +1,85 @@
+"""The one-program cascade: equal to chaining the per-level programs, progress per level;
+and the XLA:CPU tuning of the stylization entry points."""
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cdft import models
+from cdft.stylize import cascade
+from cdft.stylize import cpu_tuning
+
+
+@pytest.fixture(scope="module")
+def stylizer():
+  """Narrow random encoder/decoder pairs for levels 1-3 (real 16x shapes are not needed)."""
+  levels = {}
+  for k in (1, 2, 3):
+    enc = models.get_model("encoder", k, "16x")
+    dec = models.get_model("decoder", k, "16x")
+    x = np.zeros((1, 8, 8, 3), np.float32)
+    ep = enc.init(jax.random.key(k), x)
+    dp = dec.init(jax.random.key(10 + k), enc.apply(ep, x))
+    levels[k] = cascade.LevelModel(enc, dec, ep, dp)
+  return cascade.Stylizer(levels)
+
+
+def test_one_program_equals_the_levels_chained(stylizer):
+  rng = np.random.default_rng(0)
+  content = rng.random((36, 44, 3), dtype=np.float32)  # 36 x 44 -> 36 x 44 (multiples of 4)
+  styles = [rng.random((24, 20, 3), dtype=np.float32), rng.random((28, 28, 3), dtype=np.float32)]
+  for order, alpha, weights in (((3, 2, 1), 1.0, None), ((1, 3), 0.6, [0.7, 0.3])):
+    got = stylizer.stylize(content, styles, alpha=alpha, levels=order, style_weights=weights)
+    img = content[None]
+    for k in order:
+      img = stylizer.level(k, img, [s[None] for s in styles], alpha, weights)
+    want = np.asarray(img[0])
+    assert got.shape == want.shape == cascade.output_size(36, 44, order) + (3,)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_progress_once_per_level_in_order(stylizer):
+  seen = []
+  content = np.random.default_rng(1).random((16, 16, 3), dtype=np.float32)
+  stylizer.stylize(content, content, levels=(3, 1, 2), callback=lambda k, s: seen.append((k, s)))
+  assert [k for k, _ in seen] == [3, 1, 2]
+  assert all(s >= 0 for _, s in seen)
+  # No callback left behind for the next run.
+  stylizer.stylize(content, content, levels=(1,))
+  assert len(seen) == 3
+
+
+def test_bad_levels_and_weights_are_clear_errors(stylizer):
+  img = np.zeros((16, 16, 3), np.float32)
+  with pytest.raises(ValueError, match="level 4 is not loaded"):
+    stylizer.stylize(img, img, levels=(4, 1))
+  with pytest.raises(ValueError, match="2 style weights for 1 styles"):
+    stylizer.stylize(img, img, style_weights=[0.5, 0.5], levels=(1,))
+
+
+@pytest.mark.parametrize("extra,added,flags", [
+    ({}, True, "--xla_cpu_experimental_ynn_fusion_type="),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, True,
+     "--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type="),
+    ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+     False, "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"),
+    ({"CDFT_KEEP_XLA_FLAGS": "1"}, False, ""),
+])
+def test_eigen_convolutions_flag(extra, added, flags):
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "CDFT_KEEP_XLA_FLAGS")}
+  env.update(extra)
+  code = ("import os; from cdft.stylize import cpu_tuning; "
+          "print(cpu_tuning.use_eigen_convolutions()); print(os.environ.get('XLA_FLAGS', ''))")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True).stdout.splitlines()
+  assert out == [str(added), flags]
+
+
+def test_flag_is_not_touched_once_jax_runs():
+  jax.numpy.zeros(1).block_until_ready()  # the backend is up in this process
+  before = os.environ.get("XLA_FLAGS")
+  assert cpu_tuning.use_eigen_convolutions() is False
+  assert os.environ.get("XLA_FLAGS") == before
