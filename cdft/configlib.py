@@ -7,6 +7,10 @@ a field is overridden on the command line, so the trainer derives them.
 """
 import ml_collections
 
+# The normalized VGG-19 teacher of the CD configs: where ``cdft-weights
+# normalize-vgg`` writes it by default.
+DEFAULT_TEACHER_VGG = "~/.cache/cdft/vgg19_normalized.msgpack"
+
 
 def parse_arg(arg, **defaults):
   """Parses ``'stage=3,runlocal'`` into a ConfigDict, typed like ``defaults``.

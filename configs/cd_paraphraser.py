@@ -22,8 +22,6 @@ import ml_collections
 
 from cdft import configlib
 
-DEFAULT_TEACHER = "~/.cache/cdft/vgg19_normalized.msgpack"
-
 
 def get_config(arg=None):
   """The config; ``arg`` like ``'stage=3,runlocal'``."""
@@ -36,7 +34,7 @@ def get_config(arg=None):
   config.num_epochs = 1.0  # One pass (torchdistill's ImageNet paraphraser: 1 epoch).
 
   config.teacher = ml_collections.ConfigDict()  # The frozen teacher encoder.
-  config.teacher.encoder = DEFAULT_TEACHER  # Frozen VGG-19: .msgpack | .t7 | 'random'.
+  config.teacher.encoder = configlib.DEFAULT_TEACHER_VGG  # Frozen VGG-19: .msgpack | .t7 | 'random'.
   config.teacher.preset = "vgg19"  # Width preset of the teacher.
 
   config.paraphraser = ml_collections.ConfigDict()  # The trained paraphraser.

