@@ -115,6 +115,20 @@ class Stylizer:
         k: _level_program(m.encoder, m.decoder, self.stats_dtype) for k, m in self.levels.items()
     }
 
+  def _check(self, content, styles, style_weights, levels):
+    """Validates a call; returns the style weights (default: equal)."""
+    missing = [k for k in levels if k not in self.levels]
+    if missing:
+      raise ValueError(f"level {missing[0]} is not loaded (have {sorted(self.levels)})")
+    for x in (content,) + tuple(styles):
+      if x.ndim != 4 or x.shape[0] != 1 or x.shape[-1] != 3:
+        raise ValueError(f"images must be (1, H, W, 3), got {tuple(x.shape)}")
+    if style_weights is None:
+      return [1.0] * len(styles)
+    if len(style_weights) != len(styles):
+      raise ValueError(f"{len(style_weights)} style weights for {len(styles)} styles")
+    return style_weights
+
   def level(self, k, content, styles, alpha=1.0, style_weights=None):
     """One level: encode, WCT, decode.
 
@@ -128,16 +142,8 @@ class Stylizer:
     Returns:
       The decoded (1, H', W', 3) float32 image (not clamped).
     """
-    if k not in self.levels:
-      raise ValueError(f"level {k} is not loaded (have {sorted(self.levels)})")
     styles = tuple(jnp.asarray(s, jnp.float32) for s in styles)
-    for x in (content,) + styles:
-      if x.ndim != 4 or x.shape[0] != 1 or x.shape[-1] != 3:
-        raise ValueError(f"images must be (1, H, W, 3), got {tuple(x.shape)}")
-    if style_weights is None:
-      style_weights = [1.0] * len(styles)
-    if len(style_weights) != len(styles):
-      raise ValueError(f"{len(style_weights)} style weights for {len(styles)} styles")
+    style_weights = self._check(content, styles, style_weights, (k,))
     model = self.levels[k]
     with wct.x64_scope(self.stats_dtype):
       out = self._programs[k](model.encoder_params, model.decoder_params,
@@ -166,16 +172,7 @@ class Stylizer:
     styles = tuple(_batched(s) for s in styles)
     img = _batched(content)
     levels = tuple(levels)
-    missing = [k for k in levels if k not in self.levels]
-    if missing:
-      raise ValueError(f"level {missing[0]} is not loaded (have {sorted(self.levels)})")
-    for x in (img,) + styles:
-      if x.ndim != 4 or x.shape[0] != 1 or x.shape[-1] != 3:
-        raise ValueError(f"images must be (1, H, W, 3), got {tuple(x.shape)}")
-    if style_weights is None:
-      style_weights = [1.0] * len(styles)
-    if len(style_weights) != len(styles):
-      raise ValueError(f"{len(style_weights)} style weights for {len(styles)} styles")
+    style_weights = self._check(img, styles, style_weights, levels)
     program = _cascade_program(
         tuple((k, self.levels[k].encoder, self.levels[k].decoder) for k in levels),
         self.stats_dtype)
