@@ -85,3 +85,15 @@ def images_input(manual_dir, crop=256, shorter_side=300):
   inp.pp.crop = crop  # ... then a random square crop of this size (paper: 256) ...
   inp.pp.flip = True  # ... and a random horizontal flip (paper: yes).
   return inp
+
+
+def cd_runlocal(config, total_steps):
+  """The ``runlocal`` variant of a CD config: real photos, small crops, 2 CPU cores."""
+  config.batch_size = 8  # Fits 2 CPU cores.
+  config.total_steps = total_steps  # A few minutes of CPU.
+  config.input.manual_dir = "../shared/images/content"  # Real photos beside the repo.
+  config.input.pp.shorter_side = 144  # Smaller images ...
+  config.input.pp.crop = 128  # ... and crops.
+  config.log_every = 10  # More frequent progress.
+  config.checkpoint_every = 100  # Resume points.
+  return config

@@ -44,11 +44,5 @@ def get_config(arg=None):
   config.loss.reconstruction = "l1"  # 'l1' (FT official nn.L1Loss) | 'mse'.
 
   if a.runlocal:
-    config.batch_size = 8  # Fits 2 CPU cores.
-    config.total_steps = 100  # A minute or two of CPU.
-    config.input.manual_dir = "../shared/images/content"  # Real photos beside the repo.
-    config.input.pp.shorter_side = 144  # Smaller images ...
-    config.input.pp.crop = 128  # ... and crops.
-    config.log_every = 10  # More frequent progress.
-    config.checkpoint_every = 100  # Resume points.
+    configlib.cd_runlocal(config, total_steps=100)  # ../shared photos, 128-px crops.
   return config

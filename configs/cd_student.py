@@ -58,11 +58,5 @@ def get_config(arg=None):
   config.loss.perceptual = 1.0  # λ_p of the reconstruction. Paper: 1.
 
   if a.runlocal:
-    config.batch_size = 8  # Fits 2 CPU cores.
-    config.total_steps = 300  # A few minutes of CPU.
-    config.input.manual_dir = "../shared/images/content"  # Real photos beside the repo.
-    config.input.pp.shorter_side = 144  # Smaller images ...
-    config.input.pp.crop = 128  # ... and crops.
-    config.log_every = 10  # More frequent progress.
-    config.checkpoint_every = 100  # Resume points.
+    configlib.cd_runlocal(config, total_steps=300)  # ../shared photos, 128-px crops.
   return config
