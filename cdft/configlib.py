@@ -97,3 +97,41 @@ def cd_runlocal(config, total_steps):
   config.log_every = 10  # More frequent progress.
   config.checkpoint_every = 100  # Resume points.
   return config
+
+
+def ft_classifier_recipe(config, recipe="ft", runlocal=False):
+  """The training recipe of FT's teacher and student classifiers (spec ft.md §2.2, §3.2).
+
+  ``recipe='ft'``: the official FT code; ``'crd'``: RepDistiller's CIFAR-100
+  recipe. ``runlocal``: the digits schedule for 2 CPU cores (the networks'
+  widths are the config's business).
+  """
+  config.batch_size = 128  # Global batch. Official: 128.
+  config.num_epochs = 164.0  # Official: range(0, 163 + 1) = 164 epochs.
+  config.optimizer.name = "sgd"  # Official: torch.optim.SGD (student and translator) ...
+  config.optimizer.learning_rate = 0.1  # ... lr 0.1 ...
+  config.optimizer.momentum = 0.9  # ... momentum 0.9 (not Nesterov) ...
+  config.optimizer.weight_decay = 5e-4  # ... weight decay 5e-4 on every parameter.
+  config.schedule.name = "piecewise"  # MultiStepLR, stepped per epoch ...
+  config.schedule.boundaries = (82, 123)  # ... milestones [82, 123] (epochs) ...
+  config.schedule.decay = 0.1  # ... gamma 0.1.
+  config.eval_every = 1950  # Test accuracy every 5 CIFAR epochs (and at the end).
+  config.checkpoint_every = 3900  # Every 10 CIFAR epochs (and at the end / on SIGTERM).
+  if recipe == "crd":
+    config.batch_size = 64  # RD: batch 64 ...
+    config.optimizer.learning_rate = 0.05  # ... lr 0.05 (CIFAR ResNets / WRNs) ...
+    config.num_epochs = 240.0  # ... for 240 epochs ...
+    config.schedule.boundaries = (150, 180, 210)  # ... x0.1 from 1-indexed epochs 151/181/211.
+    config.eval_every = 3905  # Every 5 epochs of 781 steps.
+    config.checkpoint_every = 7810  # Every 10 epochs.
+  elif recipe != "ft":
+    raise ValueError(f"unknown recipe {recipe!r}; choose ft or crd")
+  if runlocal:
+    config.batch_size = 32  # 46 steps per epoch of the 1,500 training digits ...
+    config.optimizer.learning_rate = 0.05  # ... at half the rate ...
+    config.num_epochs = 6.0  # ... for 6 epochs ...
+    config.schedule.name = "cosine"  # ... with a cosine decay (164 epochs' steps do not shrink).
+    config.log_every = 23  # Twice an epoch.
+    config.eval_every = 92  # Every 2 epochs.
+    config.checkpoint_every = 1000  # Only at the end.
+  return config

@@ -46,36 +46,9 @@ def get_config(arg=None):
   config.model.name = a.model  # Architecture name.
   config.model.widths = ()  # ResNet stem/group widths; () = the standard 16/32/64.
 
-  config.batch_size = 128  # Global batch. Official: 128.
-  config.num_epochs = 164.0  # Official: range(0, 163 + 1) = 164 epochs.
-  config.optimizer.name = "sgd"  # Official: torch.optim.SGD ...
-  config.optimizer.learning_rate = 0.1  # ... lr 0.1 ...
-  config.optimizer.momentum = 0.9  # ... momentum 0.9 (not Nesterov) ...
-  config.optimizer.weight_decay = 5e-4  # ... weight decay 5e-4 on every parameter.
-  config.schedule.name = "piecewise"  # MultiStepLR, stepped per epoch ...
-  config.schedule.boundaries = (82, 123)  # ... milestones [82, 123] (epochs) ...
-  config.schedule.decay = 0.1  # ... gamma 0.1.
-  config.eval_every = 1950  # Test accuracy every 5 CIFAR epochs (and at the end).
-  config.checkpoint_every = 3900  # Every 10 CIFAR epochs (and at the end / on SIGTERM).
-
-  if a.recipe == "crd":
-    config.batch_size = 64  # RD: batch 64 ...
-    config.optimizer.learning_rate = 0.05  # ... lr 0.05 ...
-    config.num_epochs = 240.0  # ... for 240 epochs ...
-    config.schedule.boundaries = (150, 180, 210)  # ... x0.1 from 1-indexed epochs 151/181/211.
-    config.eval_every = 3905  # Every 5 epochs of 781 steps.
-    config.checkpoint_every = 7810  # Every 10 epochs.
-  elif a.recipe != "ft":
-    raise ValueError(f"unknown recipe {a.recipe!r}; choose ft or crd")
+  configlib.ft_classifier_recipe(config, a.recipe, a.runlocal)  # Optimizer, schedule.
 
   if a.runlocal:
     if a.model.startswith("resnet"):
       config.model.widths = (8, 16, 32)  # Narrow: fast on a CPU, still 95-97 % on digits.
-    config.batch_size = 32  # 46 steps per epoch of the 1,500 training digits ...
-    config.optimizer.learning_rate = 0.05  # ... at half the rate ...
-    config.num_epochs = 6.0  # ... for 6 epochs ...
-    config.schedule.name = "cosine"  # ... with a cosine decay (164 epochs' steps do not shrink).
-    config.log_every = 23  # Twice an epoch.
-    config.eval_every = 92  # Every 2 epochs.
-    config.checkpoint_every = 1000  # Only at the end.
   return config
