@@ -26,7 +26,6 @@ Each distinct (content, style) image shape compiles the WCT cascade anew (tens o
 seconds on CPU); ``--square`` gives every input one shape, and compiled programs
 are kept in the cdft cache (``<cache>/xla``, off with CDFT_NO_COMPILE_CACHE=1).
 """
-import os
 import sys
 
 from absl import app
@@ -70,17 +69,6 @@ def _levels():
   return levels
 
 
-def _enable_compile_cache():
-  """Keeps compiled XLA programs in the cdft cache (every new image shape compiles the
-  cascade again: tens of seconds on CPU; later runs reuse them)."""
-  if os.environ.get("CDFT_NO_COMPILE_CACHE"):
-    return
-  import jax  # pylint: disable=import-outside-toplevel
-  from cdft.weights import zoo  # pylint: disable=import-outside-toplevel
-  jax.config.update("jax_compilation_cache_dir",
-                    str(zoo.resolve_cache_dir(_CACHE_DIR.value) / "xla"))
-
-
 def run():
   """Runs the evaluation of the flags; returns the report dict."""
   # Deferred: flag parsing and --help stay fast.
@@ -89,7 +77,7 @@ def run():
   from cdft.stylize import cpu_tuning  # pylint: disable=import-outside-toplevel
 
   cpu_tuning.use_eigen_convolutions()  # as cdft-stylize (before jax starts)
-  _enable_compile_cache()
+  cpu_tuning.enable_compile_cache(_CACHE_DIR.value)
   contents = images.list_images(_CONTENT_DIR.value)[:_MAX_CONTENTS.value]
   styles = images.list_images(_STYLE_DIR.value)[:_MAX_STYLES.value]
   levels = _levels()

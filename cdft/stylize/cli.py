@@ -9,7 +9,6 @@ Examples::
 """
 import argparse
 import itertools
-import os
 import pathlib
 import sys
 import time
@@ -138,15 +137,6 @@ def _plan(args):
   return [(content, styles, output)]
 
 
-def _enable_compile_cache():
-  """Keeps compiled XLA programs in the cdft cache: later runs skip ~10 s of compiling."""
-  if os.environ.get("CDFT_NO_COMPILE_CACHE"):
-    return
-  import jax
-  from cdft.weights import zoo
-  jax.config.update("jax_compilation_cache_dir", str(zoo.resolve_cache_dir() / "xla"))
-
-
 def run(args, out=None):
   """Stylizes every planned pair, printing progress to ``out`` (stdout); returns the paths."""
   out = out or sys.stdout
@@ -156,7 +146,7 @@ def run(args, out=None):
 
   plan = _plan(args)
   budget = args.max_memory or tiled.default_memory_budget()
-  _enable_compile_cache()
+  cpu_tuning.enable_compile_cache()
   t0 = time.perf_counter()
   levels = pretrained.load_levels(args.model, args.levels, args.weights_dir)
   stylizer = cascade.Stylizer(levels)
