@@ -37,3 +37,23 @@ def golden_dir():
 def images_dir():
   """Real photographs and artworks (../shared/images)."""
   return _dir_or_skip(SHARED / "images", "test images (CDFT_SHARED_DIR/images)")
+
+
+@pytest.fixture(scope="session")
+def write_small_photos(images_dir):
+  """``write(folder, side)``: the first 8 content photos, shorter side ``side`` px, as PNGs.
+
+  Small real images keep the TFDS preparation and the training steps fast.
+  """
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  def write(folder, side, count=8):
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted((images_dir / "content").glob("*.jpg"))[:count]:
+      im = Image.open(path).convert("RGB")
+      scale = side / min(im.size)
+      im.resize((max(side, round(im.width * scale)), max(side, round(im.height * scale)))).save(
+          folder / f"{path.stem}.png")
+    return folder
+
+  return write

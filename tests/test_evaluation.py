@@ -360,20 +360,14 @@ def _train_config(name, folder, data_dir, overrides):
 
 
 @pytest.fixture(scope="module")
-def trained_runs(images_dir, tmp_path_factory):
+def trained_runs(write_small_photos, tmp_path_factory):
   """Tiny stage-1 runs of the three CD steps; the student chain uses a relative path.
 
   The cd_small_decoder runs are trained from ``root`` (the cwd), one on a fresh
   'random' student, one on the cd_student run named ``runs/cd_student``.
   """
   root = tmp_path_factory.mktemp("training")
-  photos = root / "photos"
-  photos.mkdir()
-  for path in sorted((images_dir / "content").glob("*.jpg"))[:8]:
-    im = Image.open(path).convert("RGB")
-    scale = 40 / min(im.size)
-    im.resize((max(40, round(im.width * scale)), max(40, round(im.height * scale)))).save(
-        photos / f"{path.stem}.png")
+  photos = write_small_photos(root / "photos", 40)
   runs = {
       "cd_decoder": ("cd_decoder", {}),
       "cd_student": ("cd_student", {"teacher.decoder": "random", "student.init": "random"}),

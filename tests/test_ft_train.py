@@ -16,7 +16,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from cdft import tasks
 from cdft import train
@@ -380,14 +379,8 @@ def test_plain_student_on_mock_cifar10(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def photo_folder(images_dir, tmp_path_factory):
-  folder = tmp_path_factory.mktemp("photos")
-  for path in sorted((images_dir / "content").glob("*.jpg"))[:8]:
-    im = Image.open(path).convert("RGB")
-    scale = 40 / min(im.size)
-    im.resize((max(40, round(im.width * scale)), max(40, round(im.height * scale)))).save(
-        folder / f"{path.stem}.png")
-  return folder
+def photo_folder(write_small_photos, tmp_path_factory):
+  return write_small_photos(tmp_path_factory.mktemp("photos"), 40)
 
 
 def _cd_tiny(config, folder, data_dir):

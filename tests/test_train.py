@@ -11,7 +11,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from cdft import train
 from cdft.training import checkpointing
@@ -30,15 +29,9 @@ def load_config(name, arg):
 
 
 @pytest.fixture(scope="module")
-def image_folder(images_dir, tmp_path_factory):
+def image_folder(write_small_photos, tmp_path_factory):
   """Eight real photos, shrunk to 48 px on the shorter side (fast TFDS preparation)."""
-  folder = tmp_path_factory.mktemp("photos")
-  for path in sorted((images_dir / "content").glob("*.jpg"))[:8]:
-    im = Image.open(path).convert("RGB")
-    scale = 48 / min(im.size)
-    im.resize((max(48, round(im.width * scale)), max(48, round(im.height * scale)))).save(
-        folder / f"{path.stem}.png")
-  return folder
+  return write_small_photos(tmp_path_factory.mktemp("photos"), 48)
 
 
 def tiny(config, folder, data_dir, steps=2):
