@@ -25,6 +25,30 @@ def test_windows_cover_the_axis_once_and_stay_inside():
     np.testing.assert_array_equal(covered, 1)
 
 
+def test_fixed_shape_plan_writes_every_output_pixel_once_from_exact_windows():
+  for n, tile, halo, f, num, den in [(1000, 176, 160, 16, 1, 1), (1013, 176, 96, 16, 1, 16),
+                                     (130, 11, 6, 1, 16, 1), (520, 112, 40, 8, 1, 8),
+                                     (300, 512, 10, 2, 1, 1)]:
+    size, length, steps = tiled._axis_plan(n, tile, halo, f, num, den)
+    n_out = (n // f) * f * num // den
+    written, counted = np.zeros(n_out, bool), np.zeros(n_out, int)
+    for (start, lo, hi, src, dst), win in zip(steps, tiled.windows_1d(n, tile, halo, f)):
+      assert start == win.w0 and start + size <= n
+      out_size = (size // f) * f * num // den
+      # The core is counted once (statistics) and the written span lies in the
+      # part of the window's output that is exact: a halo from each window edge
+      # that is not the image's edge.
+      assert (lo, hi) == ((win.c0 - start) * num // den, (win.c1 - start) * num // den)
+      exact_lo = 0 if start == 0 else halo * num // den
+      exact_hi = out_size if start + size >= (n // f) * f else out_size - halo * num // den
+      assert exact_lo <= src and src + length <= exact_hi
+      assert src <= lo and hi <= src + length and dst - src == start * num // den
+      written[dst:dst + length] = True  # (the last span may rewrite exact pixels)
+      counted[lo + dst - src:hi + dst - src] += 1
+    assert written.all()
+    np.testing.assert_array_equal(counted, 1)
+
+
 def test_halos_cover_the_receptive_fields():
   # One side of a stage-k encoder reaches sum(convs of block b * 2^(b-1)) px:
   # 1, 4, 10, 30, 70; the decoder mirrors it. Plus one pooling cell, aligned.
@@ -84,6 +108,18 @@ def test_tiled_on_disk_store(setup, tmp_path):
       content, style, alpha=0.7, levels=levels).to_array()
   _check_equal_without_seams(got, whole, tile, levels)
   assert not list(tmp_path.iterdir())  # the level files are already unlinked
+
+
+def test_in_memory_and_streamed_levels_agree(setup, tmp_path):
+  # An image held in memory runs each level as one program over its tiles; an
+  # image in a file runs tile by tile. The windows and arithmetic are the same.
+  stylizer, content, style, _ = setup
+  for mode, levels in (("exact", (4, 2, 1)), ("thumbnail", (3,))):
+    runs = [tiled.TiledStylizer(stylizer, tile=96, stats_mode=mode, thumbnail_size=256,
+                                on_disk=on_disk, temp_dir=tmp_path).stylize(
+                                    content, style, alpha=0.8, levels=levels).to_array()
+            for on_disk in (False, True)]
+    np.testing.assert_allclose(runs[0], runs[1], atol=2e-5)
 
 
 def test_thumbnail_statistics_approximate_the_exact_result(setup):

@@ -124,3 +124,17 @@ def test_style_blend_is_the_weighted_mix_of_targets():
     m2, o2 = wct.wct_matrix(cs, b)
   np.testing.assert_allclose(m, 0.7 * np.asarray(m1) + 0.3 * np.asarray(m2), rtol=1e-12)
   np.testing.assert_allclose(off, 0.7 * np.asarray(o1) + 0.3 * np.asarray(o2), rtol=1e-10)
+
+
+def test_merged_statistics_of_parts_equal_those_of_the_union():
+  rng = np.random.default_rng(3)
+  f = rng.normal(2.0, 3.0, size=(500, 6)) @ rng.normal(size=(6, 6))
+  cuts = [0, 7, 130, 131 + 1, 400, 500]  # parts of 7, 123, 2, 268 and 100 rows
+  with jax.enable_x64(True):
+    parts = [wct.feature_stats(jnp.asarray(f[a:b])) for a, b in zip(cuts, cuts[1:])]
+    stacked = jax.jit(wct.merge_stacked_stats)(jax.tree.map(lambda *x: jnp.stack(x), *parts))
+  looped = wct.merge_stats(parts)
+  np.testing.assert_allclose(stacked.mean, f.mean(0), rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(stacked.cov, np.cov(f, rowvar=False), rtol=1e-11, atol=1e-11)
+  assert float(stacked.count) == 500
+  np.testing.assert_allclose(stacked.cov, looped.cov, rtol=1e-12, atol=1e-12)

@@ -142,6 +142,22 @@ def merge_stats(parts):
   return Stats(mean, m2 / (n - 1), np.float64(n))
 
 
+def merge_stacked_stats(parts):
+  """:func:`merge_stats` inside a jitted program: ``parts`` is a Stats of stacked arrays.
+
+  The union's mean is the count-weighted mean of the parts, and its centred
+  second moment the sum of the parts' plus the spread of their means
+  (``sum n_i (mu_i - mu)(mu_i - mu)^T``): exact, in the parts' dtype.
+  """
+  counts = parts.count
+  n = jnp.sum(counts)
+  mean = jnp.sum(counts[:, None] * parts.mean, axis=0) / n
+  delta = parts.mean - mean
+  own = jnp.where((counts > 1)[:, None, None], parts.cov, 0) * (counts - 1)[:, None, None]
+  m2 = jnp.sum(own + counts[:, None, None] * delta[:, :, None] * delta[:, None, :], axis=0)
+  return Stats(mean, m2 / (n - 1), n)
+
+
 def _masked_power(cov, power, rtol):
   """``cov ** power`` on the live subspace; zero on dead channels and null directions."""
   c = cov.shape[0]
