@@ -113,13 +113,18 @@ def test_tiled_on_disk_store(setup, tmp_path):
 def test_in_memory_and_streamed_levels_agree(setup, tmp_path):
   # An image held in memory runs each level as one program over its tiles; an
   # image in a file runs tile by tile. The windows and arithmetic are the same.
+  # So does an image in memory whose copies would not fit a quarter of the budget.
   stylizer, content, style, _ = setup
+  small = 4 << 20
+  need = tiled.TiledStylizer(stylizer, tile=96).resident_bytes(2, 520, 650)
+  assert small // 4 < need <= (4 << 30) // 4
   for mode, levels in (("exact", (4, 2, 1)), ("thumbnail", (3,))):
     runs = [tiled.TiledStylizer(stylizer, tile=96, stats_mode=mode, thumbnail_size=256,
-                                on_disk=on_disk, temp_dir=tmp_path).stylize(
+                                on_disk=on_disk, temp_dir=tmp_path, max_memory=budget).stylize(
                                     content, style, alpha=0.8, levels=levels).to_array()
-            for on_disk in (False, True)]
+            for on_disk, budget in ((False, 4 << 30), (True, 4 << 30), (False, small))]
     np.testing.assert_allclose(runs[0], runs[1], atol=2e-5)
+    np.testing.assert_allclose(runs[0], runs[2], atol=2e-5)
 
 
 def test_thumbnail_statistics_approximate_the_exact_result(setup):

@@ -21,14 +21,17 @@ raw float32 file read and written in row bands.
 
 Two ways to run a level, with the same windows and arithmetic:
 
-* an image held in memory runs the whole level (both passes over every tile,
-  the statistics merge and the matrix) as one XLA program that scans the
-  windows (:func:`_resident_program`): the tiles reuse one set of buffers and
-  the features stay inside the program. On CPU this matters: every program
+* an image held in memory, whose copies and kept features take at most a
+  quarter of the budget (:meth:`TiledStylizer.resident_bytes`), runs the
+  whole level (both passes over every tile, the statistics merge and the
+  matrix) as one XLA program that scans the windows
+  (:func:`_resident_program`): the tiles reuse one set of buffers and the
+  features stay inside the program. On CPU this matters: every program
   execution pages in its temporaries afresh, and at 3840x2160 running the
   ~25 tile programs one by one took 1.5x the time of this path;
-* an image in a file (too large for the budget) runs tile by tile, reading
-  and writing windows, so memory stays flat however large the image.
+* a larger image runs tile by tile, reading and writing windows of its
+  stores (files when the image is too large for the budget), so memory stays
+  flat however large the image.
 
 ``stats_mode='thumbnail'`` replaces pass 1 by the statistics of a downsampled
 copy of the image (URST's approximation, Chen et al. AAAI 2022), for comparison.
@@ -418,6 +421,7 @@ class TiledStylizer:
     self.thumbnail_size = thumbnail_size
     self.on_disk = on_disk
     self.temp_dir = temp_dir
+    self._channels = {}  # level -> feature channels, for resident_bytes
     self._programs = {
         k: _level_programs(m.encoder, m.decoder, stylizer.stats_dtype)
         for k, m in stylizer.levels.items()}
@@ -505,9 +509,26 @@ class TiledStylizer:
 
   def level(self, k, store, styles, alpha, weights, progress=None):
     """One level of the cascade on a stored image; returns the level's output store."""
-    if store.in_memory:
+    if store.in_memory and self.resident_bytes(k, store.height, store.width) <= self.max_memory // 4:
       return self._resident_level(k, store, styles, alpha, weights, progress)
     return self._streamed_level(k, store, styles, alpha, weights, progress)
+
+  def resident_bytes(self, k, height, width):
+    """What running level k in one program adds to the windows' memory.
+
+    The image in and the level's output (in the program, and on the host),
+    float32 RGB, plus the features pass 1 keeps (levels >= 2, exact mode).
+    """
+    f = 2 ** (k - 1)
+    total = 3 * height * width * 3 * 4
+    if self.stats_mode == "exact" and k >= 2:
+      if k not in self._channels:
+        model = self.stylizer.levels[k]
+        probe = jax.ShapeDtypeStruct((1, 2 * f, 2 * f, 3), jnp.float32)
+        self._channels[k] = jax.eval_shape(model.encoder.apply, model.encoder_params,
+                                           probe).shape[-1]
+      total += (height // f) * (width // f) * self._channels[k] * 4
+    return total
 
   def _resident_level(self, k, store, styles, alpha, weights, progress):
     """A level of an image held in memory: one program over all its tiles."""
@@ -546,7 +567,7 @@ class TiledStylizer:
           out = program(model.encoder_params, model.decoder_params, jnp.asarray(store.read_rows(
               0, height)), steps1, steps2, content_stats, targets,
                         jnp.asarray(weights, jnp.float32), jnp.float32(alpha))
-          out = np.array(out)
+          out = np.asarray(out)  # a (read-only) view of the program's output, not a copy
           jax.effects_barrier()  # every tile's progress has been reported
       finally:
         _TILE_DONE["sink"] = None
