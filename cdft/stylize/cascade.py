@@ -10,6 +10,7 @@ Size bookkeeping follows the official code: floor max-pooling and x2 upsampling
 shrink a side that is not a multiple of 2^(k-1) at level k (3000 -> 2992 at
 level 5); nothing is resized back.
 """
+import contextlib
 import dataclasses
 import functools
 import threading
@@ -62,17 +63,40 @@ def _level_program(encoder, decoder, stats_dtype):
   return jax.jit(_level_fn(encoder, decoder, stats_dtype))
 
 
-# The progress sink of the cascade program running now (see _cascade_program).
-# Host callbacks run on XLA's threads, so this is process-wide: a lock lets one
-# cascade run at a time per process (they would share the CPU anyway).
+# The progress sink of the program running now (the cascade here, a tiled
+# level in cdft.stylize.tiled). Host callbacks run on XLA's threads, so this is
+# process-wide: a lock lets one such program run at a time per process (they
+# would share the CPU anyway).
 _RUN_LOCK = threading.Lock()
-_LEVEL_DONE = {"sink": None}
+_PROGRESS = {"sink": None}
 
 
-def _level_done(level, _):
-  sink = _LEVEL_DONE["sink"]
+def report_progress(after, *values):
+  """Host side of a program's ordered progress callback: ``sink(*values)`` as ints.
+
+  ``after`` is a value of the result being reported, so the callback runs once
+  it exists; it is not passed on. Use as
+  ``jax.debug.callback(report_progress, x, level, ..., ordered=True)``.
+  """
+  del after
+  sink = _PROGRESS["sink"]
   if sink is not None:
-    sink(int(level))
+    sink(*(int(v) for v in values))
+
+
+@contextlib.contextmanager
+def progress_to(sink):
+  """Routes :func:`report_progress` calls to ``sink`` while a program runs.
+
+  Holds the run lock; on leaving, waits until every callback has run.
+  """
+  with _RUN_LOCK:
+    _PROGRESS["sink"] = sink
+    try:
+      yield
+      jax.effects_barrier()
+    finally:
+      _PROGRESS["sink"] = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,7 +117,7 @@ def _cascade_program(modules, stats_dtype):
     img = content
     for (k, level), (enc_params, dec_params) in zip(levels, params):
       img = level(enc_params, dec_params, img, styles, style_weights, alpha)
-      jax.debug.callback(_level_done, k, img[0, 0, 0, 0], ordered=True)
+      jax.debug.callback(report_progress, img[0, 0, 0, 0], k, ordered=True)
     return img
 
   return jax.jit(run)
@@ -186,16 +210,10 @@ class Stylizer:
         callback(k, now - last[0])
       last[0] = now
 
-    with _RUN_LOCK:
-      _LEVEL_DONE["sink"] = sink
-      try:
-        with wct.x64_scope(self.stats_dtype):
-          out = program(params, img, styles, jnp.asarray(style_weights, jnp.float32),
-                        jnp.float32(alpha))
-          out.block_until_ready()
-          jax.effects_barrier()  # every level's callback has run
-      finally:
-        _LEVEL_DONE["sink"] = None
+    with progress_to(sink), wct.x64_scope(self.stats_dtype):
+      out = program(params, img, styles, jnp.asarray(style_weights, jnp.float32),
+                    jnp.float32(alpha))
+      out.block_until_ready()
     return np.asarray(out[0])
 
 

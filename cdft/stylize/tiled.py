@@ -51,7 +51,7 @@ from PIL import Image
 
 from cdft.models import vgg
 from cdft.stylize import wct
-from cdft.stylize.cascade import _RUN_LOCK, DEFAULT_LEVELS, Stylizer
+from cdft.stylize.cascade import DEFAULT_LEVELS, Stylizer, progress_to, report_progress
 
 # Peak bytes of a level program per window pixel (float32 activations of the
 # widest full-resolution layers, their reflection-pad strips and XLA buffers),
@@ -309,17 +309,6 @@ def _tile_steps(row_plan, col_plan):
   return np.array([[r, c] for r in row_plan for c in col_plan], np.int32).transpose(0, 2, 1)
 
 
-# The progress sink of the resident level program running now (see
-# _resident_program); guarded by cascade's lock, one run at a time.
-_TILE_DONE = {"sink": None}
-
-
-def _tile_done(level, index, _):
-  sink = _TILE_DONE["sink"]
-  if sink is not None:
-    sink(int(level), int(index) + 1)
-
-
 @functools.lru_cache(maxsize=None)
 def _resident_program(level, encoder, decoder, stats_dtype, pass1, pass2):
   """A whole level over the tiles of an image held in memory, as one XLA program.
@@ -385,7 +374,7 @@ def _resident_program(level, encoder, decoder, stats_dtype, pass1, pass2):
       y = decoder.apply(dec_params, feat[None],
                         input_affine=wct.as_affine(m, b, feat.dtype))[0]
       piece = jax.lax.dynamic_slice(y, (src[0], src[1], zero), (len_r, len_c, 3))
-      jax.debug.callback(_tile_done, level, index, piece[0, 0, 0], ordered=True)
+      jax.debug.callback(report_progress, piece[0, 0, 0], level, index + 1, ordered=True)
       return jax.lax.dynamic_update_slice(out, piece, (dst[0], dst[1], zero)), None
 
     out = jnp.zeros((out_h, out_w, 3), img.dtype)
@@ -513,6 +502,23 @@ class TiledStylizer:
       return self._resident_level(k, store, styles, alpha, weights, progress)
     return self._streamed_level(k, store, styles, alpha, weights, progress)
 
+  def _keeps_features(self, k):
+    """Whether pass 1 keeps level k's features for pass 2 to decode.
+
+    Level 1's encoder is a single conv: recomputing it in pass 2 is cheaper
+    than keeping its full-resolution 24-channel features.
+    """
+    return self.stats_mode == "exact" and k >= 2
+
+  def _decode_geometry(self, k, keep):
+    """(output px per source px, halo in source px) of pass 2's windows.
+
+    From kept features the decoder alone runs, and it mirrors the encoder;
+    from the image, the encoder runs again first.
+    """
+    f = 2 ** (k - 1)
+    return (f, encoder_halo(k) // f) if keep else (1, level_halo(k))
+
   def resident_bytes(self, k, height, width):
     """What running level k in one program adds to the windows' memory.
 
@@ -521,7 +527,7 @@ class TiledStylizer:
     """
     f = 2 ** (k - 1)
     total = 3 * height * width * 3 * 4
-    if self.stats_mode == "exact" and k >= 2:
+    if self._keeps_features(k):
       if k not in self._channels:
         model = self.stylizer.levels[k]
         probe = jax.ShapeDtypeStruct((1, 2 * f, 2 * f, 3), jnp.float32)
@@ -534,7 +540,7 @@ class TiledStylizer:
     """A level of an image held in memory: one program over all its tiles."""
     f = 2 ** (k - 1)
     model = self.stylizer.levels[k]
-    keep = self.stats_mode == "exact" and k >= 2  # as in _streamed_level
+    keep = self._keeps_features(k)
     height, width = store.height, store.width
     pass1, steps1, content_stats = None, np.zeros((0, 5, 2), np.int32), None
     if self.stats_mode == "exact":
@@ -543,12 +549,10 @@ class TiledStylizer:
       pass1, steps1 = (size_r, size_c, core_r, core_c, keep), _tile_steps(rows, cols)
     else:
       content_stats = self._thumbnail_stats(k, store)  # numpy float64, passed as is
-    if keep:  # decode windows of the features kept by pass 1
-      plans = [_axis_plan(n // f, self.tile // f, encoder_halo(k) // f, 1, f)
-               for n in (height, width)]
-    else:  # re-encode windows of the image
-      plans = [_axis_plan(n, self.tile, level_halo(k), f) for n in (height, width)]
-    (size_r, len_r, rows), (size_c, len_c, cols) = plans
+    scale, halo = self._decode_geometry(k, keep)
+    (size_r, len_r, rows), (size_c, len_c, cols) = [
+        _axis_plan(n // scale, self.tile // scale, halo, f // scale, scale)
+        for n in (height, width)]
     pass2 = (size_r, size_c, len_r, len_c, (height // f) * f, (width // f) * f, keep)
     steps2 = _tile_steps(rows, cols)
     targets = tuple(self._array_stats(k, s) for s in styles)
@@ -560,25 +564,17 @@ class TiledStylizer:
       if progress is not None:
         progress(level, "decode", done, total)
 
-    with _RUN_LOCK:
-      _TILE_DONE["sink"] = sink
-      try:
-        with wct.x64_scope(self.stylizer.stats_dtype):
-          out = program(model.encoder_params, model.decoder_params, jnp.asarray(store.read_rows(
-              0, height)), steps1, steps2, content_stats, targets,
-                        jnp.asarray(weights, jnp.float32), jnp.float32(alpha))
-          out = np.asarray(out)  # a (read-only) view of the program's output, not a copy
-          jax.effects_barrier()  # every tile's progress has been reported
-      finally:
-        _TILE_DONE["sink"] = None
+    with progress_to(sink), wct.x64_scope(self.stylizer.stats_dtype):
+      out = program(model.encoder_params, model.decoder_params,
+                    jnp.asarray(store.read_rows(0, height)), steps1, steps2, content_stats,
+                    targets, jnp.asarray(weights, jnp.float32), jnp.float32(alpha))
+      out = np.asarray(out)  # a (read-only) view of the program's output, not a copy
     return ImageStore.holding(out)
 
   def _streamed_level(self, k, store, styles, alpha, weights, progress):
-    """A level of an image in a file: tile by tile, reading and writing windows."""
+    """A level tile by tile, reading and writing windows of its stores."""
     f = 2 ** (k - 1)
-    # Pass 1. Level 1's encoder is a single conv: recomputing it in pass 2 is
-    # cheaper than keeping its full-resolution 24-channel features.
-    keep = self.stats_mode == "exact" and k >= 2
+    keep = self._keeps_features(k)
     feats = None
     if self.stats_mode == "exact":
       content_stats = self._tiled_stats(k, store, encoder_halo(k), keep_features=keep)
@@ -599,11 +595,12 @@ class TiledStylizer:
     out = ImageStore(height, width, self.use_disk(height, width), self.temp_dir)
     model = self.stylizer.levels[k]
     _, transform, decode = self._programs[k]
-    if feats is not None:
-      source, scale, halo = feats, f, encoder_halo(k) // f  # the decoder mirrors the encoder
+    scale, halo = self._decode_geometry(k, keep)
+    if keep:
+      source = feats
       run = lambda window: decode(model.decoder_params, window, m, b)
     else:
-      source, scale, halo = store, 1, level_halo(k)
+      source = store
       run = lambda window: transform(model.encoder_params, model.decoder_params, window, m, b)
     rows = windows_1d(source.height, self.tile // scale, halo, f // scale)
     cols = windows_1d(source.width, self.tile // scale, halo, f // scale)
