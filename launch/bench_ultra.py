@@ -63,11 +63,11 @@ def child(args):
       out = stylizer.stylize(content.astype(np.float32) / 255, style,
                              callback=lambda k, s: levels.__setitem__(k, s))
       out = (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
-      tile = None
+      tiles = None
     else:
       runner = tiled.TiledStylizer(stylizer, max_memory=args.max_memory, stats_mode=args.mode,
                                    temp_dir=args.tmp)
-      tile = runner.tile
+      tiles = {k: [r, c, nr, nc] for k, _, _, r, c, nr, nc in runner.plan(*content.shape[:2])}
       store = tiled.ImageStore.from_array(content, runner.use_disk(*content.shape[:2]), args.tmp)
       if len(runs) == 0:
         content = None  # the image lives in the (disk) store from here on
@@ -77,7 +77,7 @@ def child(args):
   seconds = runs[-1]
   np.save(args.tmp / f"{args.size}_{args.mode}.npy", out)
   print(json.dumps({"size": args.size, "mode": args.mode, "hw": list(out.shape[:2]),
-                    "seconds": seconds, "runs_s": runs, "level_s": levels, "tile": tile,
+                    "seconds": seconds, "runs_s": runs, "level_s": levels, "tiles": tiles,
                     "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 
 
@@ -91,11 +91,15 @@ def _psnr_bands(a, b, rows=1024):
   return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
 
 
-def _seams(out, tile):
-  """Seam ratio on a 2048-px square around the first tile corner (tiles are >= 1024 px)."""
+def _seams(out, tiles):
+  """Seam ratio on a 2048-px square around the first tile corner (tiles are >= 1024 px).
+
+  ``tiles``: level -> (row core, column core, ...), as the child records them.
+  """
   from cdft.stylize import tiled
-  bounds = [sorted({b for k in range(1, 6) for b in tiled.tile_boundaries(
-      n, tile, tiled.level_halo(k), 2 ** (k - 1))}) for n in out.shape[:2]]
+  bounds = [sorted({b for k, cores in tiles.items() for b in tiled.tile_boundaries(
+      n, cores[axis], tiled.level_halo(int(k)), 2 ** (int(k) - 1))})
+      for axis, n in enumerate(out.shape[:2])]
   starts = [max(0, min(b[0] - 1024, n - 2048)) if b else 0
             for b, n in zip(bounds, out.shape[:2])]
   crop = out[starts[0]:starts[0] + 2048, starts[1]:starts[1] + 2048].astype(np.float32) / 255
@@ -148,20 +152,22 @@ def main():
         if r["mode"] != "exact" and "exact" in outs:
           r["psnr_vs_exact_db"] = _psnr_bands(outs[r["mode"]], outs["exact"])
         if r["mode"] == "exact":
-          r["seam_ratio"] = _seams(outs["exact"], r["tile"])
+          r["seam_ratio"] = _seams(outs["exact"], r["tiles"])
       del outs
       for f in pathlib.Path(tmp).glob(f"{size}_*.npy"):
         f.unlink()
 
-  print("| image | megapixels | mode | time (s) | peak RSS (GiB) | tile | PSNR vs exact (dB) "
+  print("| image | megapixels | mode | time (s) | peak RSS (GiB) | tiles (levels 5..1) "
+        "| PSNR vs exact (dB) "
         "| seam ratio |")
   print("|" + "---|" * 8)
   for r in results:
     mp = r["hw"][0] * r["hw"][1] / 1e6
     psnr = r.get("psnr_vs_exact_db")
     seam = r.get("seam_ratio")
+    grids = " ".join(f"{v[2]}×{v[3]}" for v in r["tiles"].values()) if r["tiles"] else "-"
     print(f"| {r['size']} ({r['hw'][1]}×{r['hw'][0]}) | {mp:.1f} | {r['mode']} | "
-          f"{r['seconds']:.1f} | {r['peak_rss_kb'] / 2**20:.2f} | {r['tile'] or '-'} | "
+          f"{r['seconds']:.1f} | {r['peak_rss_kb'] / 2**20:.2f} | {grids} | "
           f"{'-' if psnr is None else f'{psnr:.1f}'} | {'-' if seam is None else f'{seam:.4f}'} |")
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(json.dumps({

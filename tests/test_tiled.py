@@ -56,14 +56,42 @@ def test_halos_cover_the_receptive_fields():
   assert [tiled.level_halo(k) for k in range(1, 6)] == [3, 10, 24, 72, 160]
 
 
-def test_budget_to_tile():
+def _balanced_core(n, count, f):
+  """The core of ``count`` equal tiles of an axis's output, rounded up to ``f``."""
+  per_tile = -(-(n // f * f) // count)
+  return -(-per_tile // f) * f
+
+
+def _longest(n, core, halo, f):
+  return max(w.w1 - w.w0 for w in tiled.windows_1d(n, core, halo, f))
+
+
+def test_budget_to_tiles():
   assert tiled.parse_bytes("4G") == 4 << 30 and tiled.parse_bytes("512M") == 512 << 20
-  small, big = tiled.tile_for_budget(2 << 30), tiled.tile_for_budget(8 << 30)
-  assert small % 16 == 0 and big > small
-  with pytest.raises(ValueError, match="too small"):
-    tiled.tile_for_budget(720 << 20)
   with pytest.raises(ValueError, match="memory size"):
     tiled.parse_bytes("lots")
+  assert tiled.window_area_for_budget(8 << 30) > 2 * tiled.window_area_for_budget(4 << 30)
+  with pytest.raises(ValueError, match="too small"):
+    tiled.cores_for_budget(720 << 20, 1000, 1000, 5)
+  # The windows (with the level's widest halo) fit the budget's area, and no
+  # grid of fewer tiles would: brute force over the windows windows_1d makes.
+  for budget, h, w, k in [(2 << 30, 2160, 3840, 2), (3 << 30, 2160, 3840, 5),
+                          (4 << 30, 4096, 10240, 2), (1 << 30, 1013, 2000, 3),
+                          (4 << 30, 10000, 10000, 5), (3 << 30, 520, 650, 1)]:
+    area, halo, f = tiled.window_area_for_budget(budget), tiled.level_halo(k), 2 ** (k - 1)
+    core_r, core_c = tiled.cores_for_budget(budget, h, w, k)
+    assert core_r % f == 0 and core_c % f == 0
+    assert _longest(h, core_r, halo, f) * _longest(w, core_c, halo, f) <= area
+    count = len(tiled.windows_1d(h, core_r, halo, f)) * len(tiled.windows_1d(w, core_c, halo, f))
+    for rows in range(1, count):
+      for cols in range(1, count // rows + (count % rows > 0)):
+        if rows * cols >= count:
+          continue
+        cr, cc = _balanced_core(h, rows, f), _balanced_core(w, cols, f)
+        assert _longest(h, cr, halo, f) * _longest(w, cc, halo, f) > area, (budget, h, w, rows, cols)
+  # A UHD frame is one window at 4G; at 3G it is two full-height strips.
+  assert tiled.cores_for_budget(4 << 30, 2160, 3840, 2) == (2160, 3840)
+  assert tiled.cores_for_budget(3 << 30, 2160, 3840, 2) == (2160, 1920)
 
 
 @pytest.fixture(scope="module")

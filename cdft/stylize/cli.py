@@ -173,7 +173,8 @@ def run(args, out=None):
                                      stats_mode=args.stats)
       except ValueError as e:  # a budget too small for any tile
         raise CdftError(str(e)) from None
-      print(f"    tiled ({args.stats} statistics), tile {runner.tile} px", file=out, flush=True)
+      print(f"    tiled ({args.stats} statistics), {runner.describe(h, w, args.levels)}",
+            file=out, flush=True)
       result = runner.stylize(content, styles, args.alpha, args.levels, args.style_weights,
                               callback=report, progress=_tile_progress(out)).to_uint8()
     else:

@@ -19,6 +19,14 @@ image), so each level compiles once. Tiles, halos and the image are aligned to
 levels lives in a :class:`ImageStore`: in memory for small images, else in a
 raw float32 file read and written in row bands.
 
+A level's memory grows with the area of its windows, so the budget sets an
+area (:func:`window_area_for_budget`), and each level takes the grid with the
+fewest balanced tiles whose windows fit it (:func:`cores_for_budget`): an
+image that fits one window is not split, a wide one is cut into full-height
+strips, and a large one into windows of about the budget's area, so the peak
+memory is the budget's whatever the image's size (``tile=`` forces square
+tiles instead).
+
 Two ways to run a level, with the same windows and arithmetic:
 
 * an image held in memory, whose copies and kept features take at most a
@@ -99,15 +107,53 @@ def parse_bytes(text):
     raise ValueError(f"not a memory size: {text!r} (use e.g. 4G or 512M)") from None
 
 
-def tile_for_budget(budget_bytes, stage=5):
-  """The largest tile core (px, a multiple of 16) whose window fits the budget."""
-  free = max(budget_bytes - BASE_BYTES, 0)
-  window = int(math.sqrt(free / BYTES_PER_WINDOW_PIXEL))
-  core = (window - 2 * level_halo(stage)) // 16 * 16
-  if core < MIN_TILE:
+def window_area_for_budget(budget_bytes):
+  """Window pixels (rows x columns, halos included) a memory budget allows."""
+  return max(budget_bytes - BASE_BYTES, 0) // BYTES_PER_WINDOW_PIXEL
+
+
+def _axis_split(n, count, halo, f):
+  """(core, longest window) of ``count`` balanced tiles of an ``n``-px axis (:func:`windows_1d`)."""
+  n_out = (n // f) * f
+  core = _align_up(-(-n_out // count), f)
+  if n_out <= core + 2 * halo:
+    return core, n
+  return core, core + 2 * halo + (n - n_out)
+
+
+def cores_for_budget(budget_bytes, height, width, stage):
+  """Tile cores (rows, columns) of level ``stage`` on a ``height`` x ``width`` image.
+
+  A level's memory grows with the area of its window, not with its shape: the
+  budget allows windows of :func:`window_area_for_budget` pixels. Of the grids
+  of balanced tiles whose windows (with the level's widest halo) fit that
+  area, this takes the one with the fewest tiles (then the least computed
+  area): an image that fits one window is not split, and a wide image is cut
+  into full-height strips rather than squares.
+  """
+  area = window_area_for_budget(budget_bytes)
+  halo, f = level_halo(stage), 2 ** (stage - 1)
+  if (MIN_TILE + 2 * halo) ** 2 > area:
     raise ValueError(f"a memory budget of {budget_bytes / 2**30:.2f} GiB is too small for "
-                     f"tiling (needs a {MIN_TILE}-px tile plus {level_halo(stage)}-px halos)")
-  return core
+                     f"tiling (needs a {MIN_TILE}-px tile plus {halo}-px halos)")
+  best = None
+  for rows in range(1, max(height // MIN_TILE, 1) + 1):
+    core_r, win_r = _axis_split(height, rows, halo, f)
+    if best is not None and rows > best[0]:
+      break
+    if core_r < MIN_TILE and rows > 1:
+      break
+    for cols in range(1, max(width // MIN_TILE, 1) + 1):
+      core_c, win_c = _axis_split(width, cols, halo, f)
+      if core_c < MIN_TILE and cols > 1:
+        break
+      if win_r * win_c <= area:
+        key = (rows * cols, rows * cols * win_r * win_c, (core_r, core_c))
+        best = min(best, key) if best else key
+        break
+  if best is None:  # (not reached: MIN_TILE windows fit the area)
+    raise ValueError(f"no tiling of {width}x{height} fits {budget_bytes} bytes")
+  return best[2]
 
 
 def default_memory_budget():
@@ -186,7 +232,8 @@ class ImageStore:
     if self._array is not None:
       return self._array[r0:r1, c0:c1]
     mapped = self._map()
-    block = np.array(mapped[r0:r1, c0:c1])
+    block = _aligned_empty((r1 - r0, c1 - c0, self.channels))
+    np.copyto(block, mapped[r0:r1, c0:c1])
     del mapped  # unmapped: the pages leave this process's resident set
     return block
 
@@ -213,6 +260,19 @@ class ImageStore:
   def close(self):
     if self._file is not None:
       self._file.close()
+
+
+def _aligned_empty(shape, dtype=np.float32, alignment=64):
+  """An uninitialised array whose data starts on an ``alignment``-byte boundary."""
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  raw = np.empty(nbytes + alignment, np.uint8)
+  offset = -raw.ctypes.data % alignment
+  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def _to_device(window):
+  """A (1, h, w, C) device array of a window; an aligned contiguous one is not copied on CPU."""
+  return jax.device_put(window[None])
 
 
 def _bands(n, size):
@@ -256,13 +316,14 @@ def windows_1d(n, core, halo, f=1):
 def _level_programs(encoder, decoder, stats_dtype):
   """(masked stats of the encoder output, enc -> matrix -> dec) for one level."""
 
-  def stats(params, img, rows, cols):
+  def stats(params, img, rows, cols, keep):
     feat = encoder.apply(params, img)
     h, w = feat.shape[1:3]
     r = jnp.arange(h)
     c = jnp.arange(w)
     mask = ((r >= rows[0]) & (r < rows[1]))[:, None] & ((c >= cols[0]) & (c < cols[1]))[None]
-    return wct.feature_stats(wct.flatten(feat), stats_dtype, mask=mask.reshape(-1)), feat
+    st = wct.feature_stats(wct.flatten(feat), stats_dtype, mask=mask.reshape(-1))
+    return (st, feat) if keep else (st, None)  # unkept features are never materialised
 
   def decode(dec_params, feat, m, b):
     return decoder.apply(dec_params, feat, input_affine=wct.as_affine(m, b, feat.dtype))
@@ -270,7 +331,7 @@ def _level_programs(encoder, decoder, stats_dtype):
   def transform(enc_params, dec_params, img, m, b):
     return decode(dec_params, encoder.apply(enc_params, img), m, b)
 
-  return jax.jit(stats), jax.jit(transform), jax.jit(decode)
+  return jax.jit(stats, static_argnums=4), jax.jit(transform), jax.jit(decode)
 
 
 def _axis_plan(n, tile, halo, f, num=1, den=1):
@@ -389,8 +450,9 @@ class TiledStylizer:
 
   Args:
     stylizer: a :class:`~cdft.stylize.cascade.Stylizer` (its models and dtype).
-    tile: tile core size in px (a multiple of 16); default from ``max_memory``.
-    max_memory: memory budget in bytes for choosing the tile.
+    tile: square tile cores of this size in px (a multiple of 16); by default
+      each level's tiles come from ``max_memory`` (:func:`cores_for_budget`).
+    max_memory: memory budget in bytes for choosing the tiles.
     stats_mode: ``'exact'`` or ``'thumbnail'``.
     thumbnail_size: longer side of the thumbnail in thumbnail mode.
     on_disk: keep the image between levels in a temporary file (default: when
@@ -402,9 +464,11 @@ class TiledStylizer:
     if stats_mode not in ("exact", "thumbnail"):
       raise ValueError(f"stats_mode must be 'exact' or 'thumbnail', got {stats_mode!r}")
     self.stylizer = stylizer
-    self.tile = tile or tile_for_budget(max_memory)
-    if self.tile % 16 or self.tile < MIN_TILE:
-      raise ValueError(f"tile must be a multiple of 16 and at least {MIN_TILE}, got {self.tile}")
+    if tile is not None and (tile % 16 or tile < MIN_TILE):
+      raise ValueError(f"tile must be a multiple of 16 and at least {MIN_TILE}, got {tile}")
+    if tile is None:
+      cores_for_budget(max_memory, 1, 1, max(stylizer.levels))  # a budget too small fails here
+    self.tile = tile
     self.max_memory = max_memory
     self.stats_mode = stats_mode
     self.thumbnail_size = thumbnail_size
@@ -414,6 +478,34 @@ class TiledStylizer:
     self._programs = {
         k: _level_programs(m.encoder, m.decoder, stylizer.stats_dtype)
         for k, m in stylizer.levels.items()}
+
+  def cores(self, k, height, width):
+    """(row, column) tile cores of level k on a ``height`` x ``width`` image."""
+    if self.tile is not None:
+      return self.tile, self.tile
+    return cores_for_budget(self.max_memory, height, width, k)
+
+  def plan(self, height, width, levels=DEFAULT_LEVELS):
+    """Per level: (k, input height, input width, row core, column core, tile rows, tile columns).
+
+    A level's input is the previous level's output (cropped to its pooling grid).
+    """
+    out = []
+    for k in levels:
+      f = 2 ** (k - 1)
+      core_r, core_c = self.cores(k, height, width)
+      out.append((k, height, width, core_r, core_c,
+                  len(windows_1d(height, core_r, level_halo(k), f)),
+                  len(windows_1d(width, core_c, level_halo(k), f))))
+      height, width = (height // f) * f, (width // f) * f
+    return out
+
+  def describe(self, height, width, levels=DEFAULT_LEVELS):
+    """One line on the tiles of each level, for logs."""
+    source = f"tile {self.tile} px" if self.tile else (
+        f"tiles for a {self.max_memory / 2**30:.1f} GiB budget")
+    grids = ", ".join(f"level {k}: {r}x{c}" for k, _, _, _, _, r, c in self.plan(height, width, levels))
+    return f"{source} ({grids} tiles)"
 
   # -- statistics ---------------------------------------------------------------------------
 
@@ -426,20 +518,23 @@ class TiledStylizer:
     f = 2 ** (k - 1)
     model = self.stylizer.levels[k]
     stats_fn = self._programs[k][0]
-    rows = windows_1d(store.height, self.tile, halo, f)
-    cols = windows_1d(store.width, self.tile, halo, f)
+    core_r, core_c = self.cores(k, store.height, store.width)
+    rows = windows_1d(store.height, core_r, halo, f)
+    cols = windows_1d(store.width, core_c, halo, f)
     feats = None
     parts = []
     with wct.x64_scope(self.stylizer.stats_dtype):
       for rw in rows:
         for cw in cols:
-          window = jnp.asarray(store.read_window(rw.w0, rw.w1, cw.w0, cw.w1)[None])
+          window = _to_device(store.read_window(rw.w0, rw.w1, cw.w0, cw.w1))
           r = ((rw.c0 - rw.w0) // f, (rw.c1 - rw.w0) // f)
           c = ((cw.c0 - cw.w0) // f, (cw.c1 - cw.w0) // f)
-          st, feat = stats_fn(model.encoder_params, window, jnp.asarray(r), jnp.asarray(c))
+          st, feat = stats_fn(model.encoder_params, window, jnp.asarray(r), jnp.asarray(c),
+                              keep_features)
+          del window
           parts.append(jax.device_get(st))
           if keep_features:
-            core = np.asarray(feat[0, r[0]:r[1], c[0]:c[1]])
+            core = np.asarray(feat)[0, r[0]:r[1], c[0]:c[1]]  # a view: no copy of the features
             if feats is None:
               feats = ImageStore(store.height // f, store.width // f,
                                  self.use_disk(store.height, store.width, core.shape[-1]),
@@ -543,16 +638,17 @@ class TiledStylizer:
     keep = self._keeps_features(k)
     height, width = store.height, store.width
     pass1, steps1, content_stats = None, np.zeros((0, 5, 2), np.int32), None
+    tile_r, tile_c = self.cores(k, height, width)
     if self.stats_mode == "exact":
-      size_r, core_r, rows = _axis_plan(height, self.tile, encoder_halo(k), f, 1, f)
-      size_c, core_c, cols = _axis_plan(width, self.tile, encoder_halo(k), f, 1, f)
+      size_r, core_r, rows = _axis_plan(height, tile_r, encoder_halo(k), f, 1, f)
+      size_c, core_c, cols = _axis_plan(width, tile_c, encoder_halo(k), f, 1, f)
       pass1, steps1 = (size_r, size_c, core_r, core_c, keep), _tile_steps(rows, cols)
     else:
       content_stats = self._thumbnail_stats(k, store)  # numpy float64, passed as is
     scale, halo = self._decode_geometry(k, keep)
     (size_r, len_r, rows), (size_c, len_c, cols) = [
-        _axis_plan(n // scale, self.tile // scale, halo, f // scale, scale)
-        for n in (height, width)]
+        _axis_plan(n // scale, tile // scale, halo, f // scale, scale)
+        for n, tile in ((height, tile_r), (width, tile_c))]
     pass2 = (size_r, size_c, len_r, len_c, (height // f) * f, (width // f) * f, keep)
     steps2 = _tile_steps(rows, cols)
     targets = tuple(self._array_stats(k, s) for s in styles)
@@ -602,13 +698,13 @@ class TiledStylizer:
     else:
       source = store
       run = lambda window: transform(model.encoder_params, model.decoder_params, window, m, b)
-    rows = windows_1d(source.height, self.tile // scale, halo, f // scale)
-    cols = windows_1d(source.width, self.tile // scale, halo, f // scale)
+    tile_r, tile_c = self.cores(k, store.height, store.width)
+    rows = windows_1d(source.height, tile_r // scale, halo, f // scale)
+    cols = windows_1d(source.width, tile_c // scale, halo, f // scale)
     done, total = 0, len(rows) * len(cols)
     for rw in rows:
       for cw in cols:
-        window = source.read_window(rw.w0, rw.w1, cw.w0, cw.w1)
-        result = np.asarray(run(jnp.asarray(window[None])))
+        result = np.asarray(run(_to_device(source.read_window(rw.w0, rw.w1, cw.w0, cw.w1))))
         out.write_window(rw.c0 * scale, cw.c0 * scale, result[
             0, (rw.c0 - rw.w0) * scale:(rw.c1 - rw.w0) * scale,
             (cw.c0 - cw.w0) * scale:(cw.c1 - cw.w0) * scale])
