@@ -155,6 +155,22 @@ def test_in_memory_and_streamed_levels_agree(setup, tmp_path):
     np.testing.assert_allclose(runs[0], runs[2], atol=2e-5)
 
 
+def test_budget_tiles_in_memory_and_on_disk(setup, tmp_path):
+  # Without --tile, the budget gives each level the fewest tiles whose windows
+  # fit its area: at 820M the 650 x 520 image is two full-height strips (cores
+  # of unequal sides), in memory and in files alike.
+  stylizer, content, style, _ = setup
+  levels, budget = (4, 2), 820 << 20
+  whole = stylizer.stylize(content, style, levels=levels)
+  plan = tiled.TiledStylizer(stylizer, max_memory=budget).plan(520, 650, levels)
+  assert [p[3:] for p in plan] == [(520, 328, 1, 2), (520, 324, 1, 2)]
+  runs = [tiled.TiledStylizer(stylizer, max_memory=budget, on_disk=on_disk,
+                              temp_dir=tmp_path).stylize(content, style, levels=levels).to_array()
+          for on_disk in (False, True)]
+  np.testing.assert_allclose(runs[0], runs[1], atol=2e-5)
+  assert tiled.psnr(runs[0], whole) >= 50.0
+
+
 def test_thumbnail_statistics_approximate_the_exact_result(setup):
   stylizer, content, style, _ = setup
   levels = (5, 4)

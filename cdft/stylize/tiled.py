@@ -143,6 +143,8 @@ def cores_for_budget(budget_bytes, height, width, stage):
       break
     if core_r < MIN_TILE and rows > 1:
       break
+    if win_r * min(width, MIN_TILE + 2 * halo) > area:
+      continue  # too tall for even the narrowest window
     for cols in range(1, max(width // MIN_TILE, 1) + 1):
       core_c, win_c = _axis_split(width, cols, halo, f)
       if core_c < MIN_TILE and cols > 1:
