@@ -128,36 +128,28 @@ def test_bad_flag_values_are_rejected(capsys):
   assert "--alpha must be in [0, 1]" in capsys.readouterr().err
 
 
-def test_forced_tiling_gives_the_whole_image_result(capsys, tmp_path, images_dir, weights_dir):
+@pytest.mark.parametrize("flags, expect, progress", [
+    # --tile: square 64-px tiles, 3 x 4 of them on the 240 x 150 image.
+    (("--tile", 64), "tile 64 px (level 2: 3x4, level 1: 3x4 tiles)", "tile 12/12"),
+    # 710M leaves (710M - BASE_BYTES) / BYTES_PER_WINDOW_PIXEL ~ 25k window px:
+    # the image (36k px) does not fit one window, but two side by side.
+    (("--max-memory", "710M"), "tiles for a 0.7 GiB budget (level 2: 1x2, level 1: 1x2 tiles)",
+     "tile 2/2"),
+])
+def test_tiling_gives_the_whole_image_result(capsys, tmp_path, images_dir, weights_dir, flags,
+                                             expect, progress):
   common = ["--content", images_dir / CONTENT, "--style", images_dir / STYLE,
             "--content-size", 150, "--style-size", 64, "--levels", "2,1",
             "--weights-dir", weights_dir]
   code, _, err = _run(capsys, *common, "--output", tmp_path / "whole.png")
   assert code == 0, err
-  code, out, err = _run(capsys, *common, "--output", tmp_path / "tiled.png", "--tile", 64)
+  code, out, err = _run(capsys, *common, "--output", tmp_path / "tiled.png", *flags)
   assert code == 0, err
-  assert "tiled (exact statistics), tile 64 px (level 2: 3x4, level 1: 3x4 tiles)" in out
-  assert "tile 12/12" in out
+  assert f"tiled (exact statistics), {expect}" in out and progress in out
   whole = np.asarray(Image.open(tmp_path / "whole.png"), np.int16)
   tiles = np.asarray(Image.open(tmp_path / "tiled.png"), np.int16)
   assert whole.shape == tiles.shape
   assert np.abs(whole - tiles).max() <= 1  # the same picture, up to 8-bit rounding
-
-
-def test_budget_splits_an_image_larger_than_its_window(capsys, tmp_path, images_dir, weights_dir):
-  # 710M leaves (710M - BASE_BYTES) / BYTES_PER_WINDOW_PIXEL ~ 25k window px:
-  # the 240 x 150 image (36k px) does not fit one window, but two side by side.
-  common = ["--content", images_dir / CONTENT, "--style", images_dir / STYLE,
-            "--content-size", 150, "--style-size", 64, "--levels", "2,1",
-            "--weights-dir", weights_dir]
-  code, _, err = _run(capsys, *common, "--output", tmp_path / "whole.png")
-  assert code == 0, err
-  code, out, err = _run(capsys, *common, "--output", tmp_path / "tiled.png", "--max-memory", "710M")
-  assert code == 0, err
-  assert "tiled (exact statistics), tiles for a 0.7 GiB budget (level 2: 1x2, level 1: 1x2" in out
-  whole = np.asarray(Image.open(tmp_path / "whole.png"), np.int16)
-  tiles = np.asarray(Image.open(tmp_path / "tiled.png"), np.int16)
-  assert np.abs(whole - tiles).max() <= 1
 
 
 def test_memory_budget_too_small_for_any_tile(capsys, tmp_path, images_dir, weights_dir):
