@@ -23,9 +23,9 @@ A level's memory grows with the area of its windows, so the budget sets an
 area (:func:`window_area_for_budget`), and each level takes the grid with the
 fewest balanced tiles whose windows fit it (:func:`cores_for_budget`): an
 image that fits one window is not split, a wide one is cut into full-height
-strips, and a large one into windows of about the budget's area, so the peak
-memory is the budget's whatever the image's size (``tile=`` forces square
-tiles instead).
+strips, and a large one into windows of about the budget's area. The peak
+memory is set by the budget, not by the image's size (``tile=`` forces
+square tiles instead).
 
 Two ways to run a level, with the same windows and arithmetic:
 
@@ -63,7 +63,7 @@ from cdft.stylize.cascade import DEFAULT_LEVELS, Stylizer, progress_to, report_p
 
 # Peak bytes of a level program per window pixel (float32 activations of the
 # widest full-resolution layers, their reflection-pad strips and XLA buffers),
-# measured with the 16x models on CPU; used to turn a memory budget into a tile.
+# measured with the 16x models on CPU, with margin; turns a memory budget into a window area.
 BYTES_PER_WINDOW_PIXEL = 420
 # Memory kept outside the windows: the interpreter, jax, weights and row bands.
 BASE_BYTES = 700 << 20
