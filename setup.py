@@ -23,6 +23,7 @@ setuptools.setup(
         "numpy",
         "pillow",
         "psutil",
+        "flatbuffers",  # jax.export serialization (the stored stylization programs)
     ],
     extras_require={
         # Training data (TFDS without TensorFlow) and the digits dataset of the FT checks.

@@ -1,5 +1,6 @@
-"""The one-program cascade: equal to chaining the per-level programs, progress per level;
-and the XLA:CPU tuning of the stylization entry points."""
+"""The cascade: equal to chaining the levels, style statistics reused, progress per level,
+its programs kept on disk (a second process compiles nothing); and the XLA:CPU tuning of
+the stylization entry points."""
 import os
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def stylizer():
   return cascade.Stylizer(levels)
 
 
-def test_one_program_equals_the_levels_chained(stylizer):
+def test_cascade_equals_the_levels_chained(stylizer):
   rng = np.random.default_rng(0)
   content = rng.random((36, 45, 3), dtype=np.float32)  # level 2 drops the odd column
   styles = [rng.random((24, 20, 3), dtype=np.float32), rng.random((28, 28, 3), dtype=np.float32)]
@@ -39,6 +40,80 @@ def test_one_program_equals_the_levels_chained(stylizer):
     want = np.asarray(img[0])
     assert got.shape == want.shape == cascade.output_size(36, 45, order) + (3,)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_style_stats_computed_once_serve_every_content(stylizer):
+  rng = np.random.default_rng(2)
+  styles = [rng.random((24, 20, 3), dtype=np.float32), rng.random((28, 28, 3), dtype=np.float32)]
+  stats = stylizer.style_stats(styles, (2, 1), [0.7, 0.3])
+  for shape in ((32, 40, 3), (20, 36, 3)):
+    content = rng.random(shape, dtype=np.float32)
+    want = stylizer.stylize(content, styles, alpha=0.8, levels=(2, 1), style_weights=[0.7, 0.3])
+    got = stylizer.stylize(content, stats, alpha=0.8, levels=(2, 1))
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match="lack level 2"):
+    stylizer.stylize(content, stylizer.style_stats(styles, (1,)), levels=(2, 1))
+
+
+# One process stylizes (with JAX's compile-cache events counted), printed as JSON.
+_CACHE_CHILD = """
+import json, sys
+from jax import monitoring
+events = {}
+monitoring.register_event_listener(lambda name, **kw: events.__setitem__(name, events.get(name, 0) + 1))
+monitoring.register_event_duration_secs_listener(
+    lambda name, secs, **kw: events.__setitem__(name, events.get(name, 0) + 1))
+from cdft.stylize import programs
+programs.enable_compile_cache(sys.argv[1])
+import jax, numpy as np
+from cdft import models
+from cdft.stylize import cascade
+levels = {}
+for k in (1, 2):
+  enc, dec = models.get_model("encoder", k, "16x"), models.get_model("decoder", k, "16x")
+  x = np.zeros((1, 8, 8, 3), np.float32)
+  ep = jax.device_get(enc.init(jax.random.key(k), x))
+  dp = jax.device_get(dec.init(jax.random.key(10 + k), enc.apply(ep, x)))
+  levels[k] = cascade.LevelModel(enc, dec, ep, dp)
+levels = jax.device_get(levels)
+st = cascade.Stylizer(levels)
+rng = np.random.default_rng(0)
+h, w = int(sys.argv[2]), int(sys.argv[3])
+out = st.stylize(rng.random((h, w, 3), dtype=np.float32), rng.random((24, 24, 3), dtype=np.float32),
+                 levels=(2, 1))
+print(json.dumps({"events": events, "sum": float(np.abs(out).sum())}))
+"""
+
+
+def test_second_process_compiles_nothing(tmp_path):
+  """The programs of a seen shape come from the persistent cache, and are not traced again."""
+  cache = tmp_path / "cache"
+
+  def run(h, w):
+    env = dict(os.environ)
+    env.pop("CDFT_NO_COMPILE_CACHE", None)
+    out = subprocess.run([sys.executable, "-c", _CACHE_CHILD, str(cache), str(h), str(w)],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    return __import__("json").loads(out.splitlines()[-1])
+
+  first = run(24, 32)
+  ev = first["events"]
+  # Style (2 levels) + encode, matrix, decode (2 levels): 8 programs written.
+  assert ev.get("/jax/compilation_cache/cache_misses", 0) >= 8
+  stored = sorted(p.name for p in (cache / "programs").iterdir())
+  assert len(stored) == 8 and all(n.endswith(".jaxexport") for n in stored)
+  second = run(24, 32)
+  ev2 = second["events"]
+  assert ev2.get("/jax/compilation_cache/cache_misses", 0) == 0  # nothing compiled, nothing written
+  assert ev2.get("/jax/compilation_cache/cache_hits", 0) >= 8
+  assert ev2.get("/jax/compilation_cache/compile_requests_use_cache") == ev2["/jax/compilation_cache/cache_hits"]
+  assert second["sum"] == first["sum"]  # the same result from the cached programs
+  assert sorted(p.name for p in (cache / "programs").iterdir()) == stored  # nothing traced anew
+  # A new shape compiles its shape-dependent programs only: the style side and the
+  # WCT matrices (shape-independent) come from the cache.
+  third = run(40, 24)["events"]
+  assert third.get("/jax/compilation_cache/cache_misses", 0) == 4  # encode + decode, 2 levels
+  assert len(list((cache / "programs").iterdir())) == 12
 
 
 def test_progress_once_per_level_in_order(stylizer):

@@ -56,8 +56,12 @@ def test_layer_names_mirror_official_order():
   assert vgg.decoder_layer_names(3) == ["conv31", "conv22", "conv21", "conv12", "conv11"]
 
 
+@pytest.mark.parametrize("fix_min_pixels", [0, 10 ** 9], ids=["border-fix", "naive"])
 @pytest.mark.parametrize("shape", [(2, 9, 13, 5), (1, 2, 7, 4), (1, 1, 1, 3), (1, 3, 3, 2)])
-def test_reflect_conv_matches_naive_reflection_pad(shape):
+def test_reflect_conv_matches_naive_reflection_pad(shape, fix_min_pixels, monkeypatch):
+  # Both forms reflect_conv3x3 chooses between by map size: the SAME conv with
+  # its border recomputed, and the gathered reflection pad.
+  monkeypatch.setattr(layers, "FIX_MIN_PIXELS", fix_min_pixels)
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(k1, shape)
   w = jax.random.normal(k2, (3, 3, shape[-1], 6))

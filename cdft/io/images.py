@@ -215,6 +215,28 @@ def _resize_float(data, size):
   return np.stack(channels, axis=-1)
 
 
+def probe_size(path, shorter_side=None):
+  """(height, width) that :func:`load_image` will return, from the file's header alone.
+
+  Reads no pixels (for planning ahead, e.g. compiling for the next image while
+  this one is stylized). Returns None for a file whose header cannot be read:
+  :func:`load_image` reports what is wrong with it.
+  """
+  try:
+    with Image.open(path) as image:
+      width, height = image.size
+      try:
+        if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # turned by 90 degrees
+          width, height = height, width
+      except Exception:  # pylint: disable=broad-except
+        pass  # as _apply_exif_orientation: a malformed EXIF block is ignored
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if shorter_side is not None:
+    width, height = _resized_size(width, height, int(shorter_side))
+  return height, width
+
+
 def load_image(path, shorter_side=None, min_side=16, keep_uint8=False):
   """Reads an image file as float32 RGB in [0, 1].
 

@@ -140,26 +140,38 @@ def _plan(args):
 def run(args, out=None):
   """Stylizes every planned pair, printing progress to ``out`` (stdout); returns the paths."""
   out = out or sys.stdout
+  from cdft.stylize import programs
+  programs.enable_compile_cache()  # before anything compiles
   from cdft.io import images
   from cdft.stylize import cascade, tiled
   from cdft.weights import pretrained
 
   plan = _plan(args)
   budget = args.max_memory or tiled.default_memory_budget()
-  cpu_tuning.enable_compile_cache()
   t0 = time.perf_counter()
   levels = pretrained.load_levels(args.model, args.levels, args.weights_dir)
   stylizer = cascade.Stylizer(levels)
   print(f"loaded {args.model} levels {','.join(map(str, sorted(levels)))} in "
         f"{time.perf_counter() - t0:.2f}s", file=out, flush=True)
-  loaded_styles, styles = None, None
+  loaded_styles, styles, style_stats = None, None, None
   written = []
+
+  def whole_image(h, w):
+    return not (args.tile or args.stats != "exact" or tiled.whole_image_bytes(h, w) > budget)
+
+  def compile_ahead(index):
+    """Starts compiling for the content after this one while this one runs."""
+    if index < len(plan):
+      size = images.probe_size(plan[index][0], args.content_size)
+      if size is not None and whole_image(*size):
+        stylizer.warm_up((1,) + size + (3,), args.levels, len(plan[index][1]))
+
   for i, (content_path, style_paths, output_path) in enumerate(plan, 1):
     start = time.perf_counter()
     content = images.load_image(content_path, args.content_size, keep_uint8=True)
     if style_paths != loaded_styles:
       styles = [images.load_image(s, args.style_size) for s in style_paths]
-      loaded_styles = style_paths
+      loaded_styles, style_stats = style_paths, None
     h, w = content.shape[:2]
     print(f"[{i}/{len(plan)}] {content_path.name} ({w}x{h}) + "
           f"{' + '.join(p.name for p in style_paths)}", file=out, flush=True)
@@ -167,7 +179,7 @@ def run(args, out=None):
     def report(level, seconds):
       print(f"    level {level}: {seconds:.2f}s", file=out, flush=True)
 
-    if args.tile or args.stats != "exact" or tiled.whole_image_bytes(h, w) > budget:
+    if not whole_image(h, w):
       try:
         runner = tiled.TiledStylizer(stylizer, tile=args.tile, max_memory=budget,
                                      stats_mode=args.stats)
@@ -179,8 +191,11 @@ def run(args, out=None):
                               callback=report, progress=_tile_progress(out)).to_uint8()
     else:
       content = _as_float(content)
-      result = stylizer.stylize(content, styles, args.alpha, args.levels, args.style_weights,
-                                callback=report)
+      stylizer.warm_up((1, h, w, 3), args.levels, len(styles))  # compiles meanwhile
+      if style_stats is None:  # once per style set, for every content
+        style_stats = stylizer.style_stats(styles, args.levels, args.style_weights)
+      compile_ahead(i)
+      result = stylizer.stylize(content, style_stats, args.alpha, args.levels, callback=report)
     if args.preserve_color:
       result = _preserve_color_bands(content, result)
     images.save_image(output_path, result)

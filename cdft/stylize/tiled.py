@@ -59,7 +59,7 @@ from PIL import Image
 
 from cdft.models import vgg
 from cdft.stylize import wct
-from cdft.stylize.cascade import DEFAULT_LEVELS, Stylizer, progress_to, report_progress
+from cdft.stylize.cascade import DEFAULT_LEVELS, Stylizer
 
 # Peak bytes of a level program per window pixel (float32 activations of the
 # widest full-resolution layers, their reflection-pad strips and XLA buffers),
@@ -428,8 +428,7 @@ def _resident_program(level, encoder, decoder, stats_dtype, pass1, pass2):
     m, b = wct.wct_matrix(content_stats, targets, alpha)
     size_r, size_c, len_r, len_c, out_h, out_w, from_feats = pass2
 
-    def decode_step(out, indexed):
-      index, step = indexed
+    def decode_step(out, step):
       start, src, dst = step[0], step[3], step[4]
       window = jax.lax.dynamic_slice(feats, (start[0], start[1], zero),
                                      (size_r, size_c, feats.shape[-1]))
@@ -437,11 +436,10 @@ def _resident_program(level, encoder, decoder, stats_dtype, pass1, pass2):
       y = decoder.apply(dec_params, feat[None],
                         input_affine=wct.as_affine(m, b, feat.dtype))[0]
       piece = jax.lax.dynamic_slice(y, (src[0], src[1], zero), (len_r, len_c, 3))
-      jax.debug.callback(report_progress, piece[0, 0, 0], level, index + 1, ordered=True)
       return jax.lax.dynamic_update_slice(out, piece, (dst[0], dst[1], zero)), None
 
     out = jnp.zeros((out_h, out_w, 3), img.dtype)
-    out, _ = jax.lax.scan(decode_step, out, (jnp.arange(steps2.shape[0]), steps2))
+    out, _ = jax.lax.scan(decode_step, out, steps2)
     return out
 
   return jax.jit(run)
@@ -657,16 +655,16 @@ class TiledStylizer:
     program = _resident_program(k, model.encoder, model.decoder, self.stylizer.stats_dtype,
                                 pass1, pass2)
     total = len(steps2)
-
-    def sink(level, done):
-      if progress is not None:
-        progress(level, "decode", done, total)
-
-    with progress_to(sink), wct.x64_scope(self.stylizer.stats_dtype):
+    with wct.x64_scope(self.stylizer.stats_dtype):
       out = program(model.encoder_params, model.decoder_params,
                     jnp.asarray(store.read_rows(0, height)), steps1, steps2, content_stats,
                     targets, jnp.asarray(weights, jnp.float32), jnp.float32(alpha))
       out = np.asarray(out)  # a (read-only) view of the program's output, not a copy
+    # One program scans every tile: its tiles are reported when it is done (a
+    # program that reports from inside holds a host callback, and JAX keeps
+    # no such program in its persistent cache).
+    if progress is not None:
+      progress(k, "decode", total, total)
     return ImageStore.holding(out)
 
   def _streamed_level(self, k, store, styles, alpha, weights, progress):

@@ -1,0 +1,181 @@
+"""Whole-process benchmark of ``cdft-stylize`` as a user runs it, beside the official code.
+
+The workloads of ``../shared/baselines/cli_official_cpu.json`` (the official
+cascade run once per photo, import and model loading included):
+
+* ``eight_cold``: one ``cdft-stylize`` over a folder of 8 photos of 8 shapes
+  (``--content-size 512 --style-size 512``, style ``adain_la_muse.jpg``) with
+  an empty cdft cache (a fresh ``CDFT_CACHE_DIR``: weights converted, every
+  program compiled);
+* ``eight_warm``: the same command again, on the cache the cold run left;
+* ``one_512_second``: one 512x512 photo, the second process on a warm cache;
+* ``one_2048`` / ``one_uhd``: a 2048x2048 crop of the UHD photo, and the UHD
+  photo itself, with a 1024x1024 style (the style resized first, as the
+  baseline), whole processes on a warm cache (the first, cold, run is
+  reported too).
+
+Each workload runs ``--repeats`` times (a fresh cache for every cold run); the
+median wall time and peak RSS (``/usr/bin/time``-style, of the child) are
+reported. The cache-less start-up is calibrated too: ``python -c 'import jax,
+flax.linen, cdft.stylize.cli; jax.devices()'``, which the baseline timed at
+1.04-1.19 s on its machine.
+
+  python launch/bench_cli.py --weights-dir ../shared/weights --out benchmarks/cli_cpu.json
+"""
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+EIGHT = ("adain_avril.jpg", "adain_blonde_girl.jpg", "adain_brad_pitt.jpg", "adain_flowers.jpg",
+         "adain_newyork.jpg", "artflow_atlanta.jpg", "artflow_kitten_440379.jpg",
+         "ust_tubingen.jpg")
+STYLE = "style/adain_la_muse.jpg"
+UHD = "uhd/cd_green_park_wallpaper_3840x2160.jpg"
+IMPORT_CMD = "import jax, flax.linen, cdft.stylize.cli; jax.devices()"
+
+
+def _measure(cmd, env):
+  """Runs ``cmd`` in a helper process so that the peak RSS is that command's alone."""
+  helper = ("import json, resource, subprocess, sys, time; t = time.perf_counter(); "
+            "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "w = time.perf_counter() - t; "
+            "print(json.dumps({'rc': p.returncode, 'wall': w, 'out': p.stdout, 'err': p.stderr, "
+            "'rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
+  proc = subprocess.run([sys.executable, "-c", helper] + cmd, env=env, capture_output=True,
+                        text=True, check=True)
+  res = json.loads(proc.stdout)
+  if res["rc"]:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{res['out']}\n{res['err']}")
+  return res["wall"], res["rss"], res["out"]
+
+
+def _stylize_cmd(content, style, output, args, content_size=None, style_size=None):
+  cmd = [shutil.which("cdft-stylize") or "cdft-stylize", "--content", str(content),
+         "--style", str(style), "--output", str(output), "--weights-dir", str(args.weights_dir)]
+  if content_size:
+    cmd += ["--content-size", str(content_size)]
+  if style_size:
+    cmd += ["--style-size", str(style_size)]
+  if os.path.isdir(content):
+    cmd += ["--format", "png"]
+  return cmd
+
+
+def _inputs(work, images):
+  """The 8-photo folder, the 2048^2 crop and the 1024^2 style, written into ``work``."""
+  from PIL import Image
+  eight = work / "eight"
+  eight.mkdir()
+  for name in EIGHT:
+    (eight / name).symlink_to(images / "content" / name)
+  uhd = Image.open(images / UHD).convert("RGB")
+  crop = uhd.crop((840, 56, 3000, 2216)).resize((2048, 2048), Image.BICUBIC)
+  crop.save(work / "content_2048.png")
+  Image.open(images / STYLE).convert("RGB").resize((1024, 1024), Image.BICUBIC).save(
+      work / "style_1024.png")
+  return eight, work / "content_2048.png", work / "style_1024.png"
+
+
+def _median_row(runs):
+  walls = [r[0] for r in runs]
+  return {"runs_s": [round(w, 2) for w in walls], "median_s": round(statistics.median(walls), 2),
+          "peak_rss_mib": round(max(r[1] for r in runs))}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--weights-dir", type=pathlib.Path, default=SHARED / "weights")
+  p.add_argument("--images", type=pathlib.Path, default=SHARED / "images")
+  p.add_argument("--baseline", type=pathlib.Path,
+                 default=SHARED / "baselines" / "cli_official_cpu.json")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--workloads", default="import,eight,one_512,one_2048,one_uhd")
+  p.add_argument("--out", type=pathlib.Path, default=None)
+  args = p.parse_args()
+  chosen = args.workloads.split(",")
+  base = json.loads(args.baseline.read_text()) if args.baseline.exists() else {}
+  work = pathlib.Path(tempfile.mkdtemp(prefix="cdft_bench_cli_"))
+  env = dict(os.environ)
+  env.pop("CDFT_NO_COMPILE_CACHE", None)
+  results = {}
+  try:
+    eight, content_2048, style_1024 = _inputs(work, args.images)
+    style = args.images / STYLE
+
+    def run(cmd, cache):
+      return _measure(cmd, dict(env, CDFT_CACHE_DIR=str(cache)))
+
+    if "import" in chosen:
+      results["import"] = _median_row([run([sys.executable, "-c", IMPORT_CMD], work / "c0")
+                                       for _ in range(args.repeats)])
+      print(f"import jax+flax+cli: {results['import']}", flush=True)
+    if "eight" in chosen:
+      cold, warm = [], []
+      for i in range(args.repeats):
+        cache = work / f"cache_eight{i}"  # empty: weights converted, everything compiled
+        cmd = _stylize_cmd(eight, style, work / f"out_eight{i}", args, 512, 512)
+        cold.append(run(cmd, cache))
+        warm.append(run(cmd, cache))
+        print(f"8 photos, run {i}: cold {cold[-1][0]:.2f}s, warm {warm[-1][0]:.2f}s", flush=True)
+      results["eight_cold"], results["eight_warm"] = _median_row(cold), _median_row(warm)
+    if "one_512" in chosen:
+      cache = work / "cache_512"
+      photo = args.images / "content" / "adain_brad_pitt.jpg"
+      cmd = _stylize_cmd(photo, style, work / "out_512.png", args, 512, 512)
+      first = run(cmd, cache)
+      second = [run(cmd, cache) for _ in range(args.repeats)]
+      results["one_512_first"] = _median_row([first])
+      results["one_512_second"] = _median_row(second)
+      print(f"one 512x512: first {first[0]:.2f}s, second {results['one_512_second']}", flush=True)
+    for name, content in (("one_2048", content_2048), ("one_uhd", args.images / UHD)):
+      if name not in chosen:
+        continue
+      cache = work / f"cache_{name}"
+      cmd = _stylize_cmd(content, style_1024, work / f"out_{name}.png", args)
+      first = run(cmd, cache)
+      warm = [run(cmd, cache) for _ in range(args.repeats)]
+      results[name + "_first"] = _median_row([first])
+      results[name] = _median_row(warm)
+      print(f"{name}: first {first[0]:.2f}s, then {results[name]}", flush=True)
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+  official = base.get("workloads", {})
+  ref = {
+      "eight_cold": official.get("eight_photos_eight_shapes", {}).get("official_total_s"),
+      "eight_warm": official.get("eight_photos_eight_shapes", {}).get("official_total_s"),
+      "one_512_second": official.get("one_photo_512", {}).get("official_second_process_s"),
+      "one_2048": official.get("one_photo_2048", {}).get("official_process_median_s"),
+      "import": 1.115,  # the middle of the baseline's 1.04-1.19 s
+  }
+  print("\n| workload | cdft median (s) | cdft peak RSS (MiB) | official (s) | ratio |")
+  print("|---|---|---|---|---|")
+  for name, row in results.items():
+    r = ref.get(name)
+    ratio = f"{row['median_s'] / r:.2f}x" if r else "-"
+    print(f"| {name} | {row['median_s']} ({', '.join(map(str, row['runs_s']))}) | "
+          f"{row['peak_rss_mib']} | {r if r else '-'} | {ratio} |")
+  if args.out:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "what": "whole cdft-stylize processes (launch/bench_cli.py)",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, "
+                   f"avx512f={'avx512f' in pathlib.Path('/proc/cpuinfo').read_text()}",
+        "repeats": args.repeats, "results": results, "official_s": ref,
+        "measured": time.strftime("%Y-%m-%d %H:%M"),
+    }, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+  main()
