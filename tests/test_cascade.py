@@ -28,18 +28,26 @@ def stylizer():
   return cascade.Stylizer(levels)
 
 
-def test_cascade_equals_the_levels_chained(stylizer):
+@pytest.mark.parametrize("shape,orders", [
+    ((36, 45, 3), (((2, 1), 1.0, None), ((1, 2), 0.6, [0.7, 0.3]))),
+    # A portrait runs transposed through the landscape programs (level() does
+    # not): equal to float rounding. The random level-2 decoder outputs an
+    # almost constant image (max 0.002), whose WCT amplifies rounding without
+    # bound, so here level 1 runs first, on the content itself.
+    ((45, 36, 3), (((1,), 1.0, None), ((1, 2), 0.6, [0.7, 0.3])))], ids=["landscape", "portrait"])
+def test_cascade_equals_the_levels_chained(stylizer, shape, orders):
   rng = np.random.default_rng(0)
-  content = rng.random((36, 45, 3), dtype=np.float32)  # level 2 drops the odd column
+  content = rng.random(shape, dtype=np.float32)  # level 2 drops the odd row or column
   styles = [rng.random((24, 20, 3), dtype=np.float32), rng.random((28, 28, 3), dtype=np.float32)]
-  for order, alpha, weights in (((2, 1), 1.0, None), ((1, 2), 0.6, [0.7, 0.3])):
+  for order, alpha, weights in orders:
     got = stylizer.stylize(content, styles, alpha=alpha, levels=order, style_weights=weights)
     img = content[None]
     for k in order:
       img = stylizer.level(k, img, [s[None] for s in styles], alpha, weights)
     want = np.asarray(img[0])
-    assert got.shape == want.shape == cascade.output_size(36, 45, order) + (3,)
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    assert got.shape == want.shape == cascade.output_size(*shape[:2], order) + (3,)
+    tol = 1e-5 if shape[0] <= shape[1] else 1e-4  # transposed: other rounding
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
 
 
 def test_style_stats_computed_once_serve_every_content(stylizer):
@@ -98,22 +106,24 @@ def test_second_process_compiles_nothing(tmp_path):
 
   first = run(24, 32)
   ev = first["events"]
-  # Style (2 levels) + encode, matrix, decode (2 levels): 8 programs written.
-  assert ev.get("/jax/compilation_cache/cache_misses", 0) >= 8
+  # Style (2 levels), the first encoder, the WCT matrix and decode(+encode) link of
+  # each of the 2 levels: 7 programs written.
+  assert ev.get("/jax/compilation_cache/cache_misses", 0) >= 7
   stored = sorted(p.name for p in (cache / "programs").iterdir())
-  assert len(stored) == 8 and all(n.endswith(".jaxexport") for n in stored)
+  assert len(stored) == 7 and all(n.endswith(".jaxexport") for n in stored)
+  assert len(list((cache / "styles").iterdir())) == 1  # the style's statistics, kept
   second = run(24, 32)
   ev2 = second["events"]
   assert ev2.get("/jax/compilation_cache/cache_misses", 0) == 0  # nothing compiled, nothing written
-  assert ev2.get("/jax/compilation_cache/cache_hits", 0) >= 8
+  assert ev2.get("/jax/compilation_cache/cache_hits", 0) >= 5  # the style is read, not run
   assert ev2.get("/jax/compilation_cache/compile_requests_use_cache") == ev2["/jax/compilation_cache/cache_hits"]
   assert second["sum"] == first["sum"]  # the same result from the cached programs
   assert sorted(p.name for p in (cache / "programs").iterdir()) == stored  # nothing traced anew
-  # A new shape compiles its shape-dependent programs only: the style side and the
-  # WCT matrices (shape-independent) come from the cache.
+  # A new shape compiles its shape-dependent programs only (the first encoder and
+  # the 2 links): the style statistics and the WCT matrices come from the caches.
   third = run(40, 24)["events"]
-  assert third.get("/jax/compilation_cache/cache_misses", 0) == 4  # encode + decode, 2 levels
-  assert len(list((cache / "programs").iterdir())) == 12
+  assert third.get("/jax/compilation_cache/cache_misses", 0) == 3
+  assert len(list((cache / "programs").iterdir())) == 10
 
 
 def test_progress_once_per_level_in_order(stylizer):

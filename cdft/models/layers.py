@@ -25,7 +25,7 @@ _DN = ("NHWC", "HWIO", "NHWC")
 # Input channels are zero-padded up to this many (see reflect_conv3x3).
 _MIN_CIN = 8
 # Maps of at least this many pixels get the border fix of reflect_conv3x3.
-FIX_MIN_PIXELS = 512 * 512
+FIX_MIN_PIXELS = 1024 * 1024
 
 
 def _conv_valid(x, kernel):

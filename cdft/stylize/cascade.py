@@ -4,17 +4,19 @@ Each level k re-encodes the current image and the style image(s) with encoder k,
 applies WCT to relu{k}_1, and decodes with decoder k; the decoded image feeds the
 next level (as ``PytorchWCT/WCT.py`` of the official code). The style side
 (each style's statistics per level) is computed once per style and reused for
-every content (:meth:`Stylizer.style_stats`). A level is three compiled
-programs: encode + content statistics and decode, compiled per input shape,
-and the WCT matrix from the float64 statistics (see :mod:`cdft.stylize.wct`),
-compiled once per model; all of them are kept on disk
-(:mod:`cdft.stylize.programs`).
+every content (:meth:`Stylizer.style_stats`). The content side is n + 1
+programs compiled per input shape (the first encoder, then per level its
+decoder fused with the next level's encoder and content statistics) and one
+WCT-matrix program per level from the float64 statistics (see
+:mod:`cdft.stylize.wct`), compiled once per model; all of them are kept on
+disk (:mod:`cdft.stylize.programs`).
 
 Size bookkeeping follows the official code: floor max-pooling and x2 upsampling
 shrink a side that is not a multiple of 2^(k-1) at level k (3000 -> 2992 at
 level 5); nothing is resized back.
 """
 import dataclasses
+import hashlib
 import time
 from typing import Callable, Optional, Sequence
 
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cdft.io import files
 from cdft.stylize import programs, wct
 
 DEFAULT_LEVELS = (5, 4, 3, 2, 1)
@@ -37,27 +40,39 @@ class LevelModel:
   decoder_params: dict
 
 
-def _content_fns(encoder, decoder, stats_dtype):
-  """The three programs of one level: encode + content statistics, WCT matrix, decode.
-
-  Split so that the small shape-independent part (the statistics' eigen-
-  decompositions, which dominate the compile time of a small level) compiles
-  once per model, not once per image shape.
-  """
+def _encode_fn(encoder, stats_dtype):
+  """Encode + content statistics: image -> (features, (mean, cov, count))."""
 
   def encode(enc_params, img):
     cf = encoder.apply(enc_params, img)
     return cf, tuple(wct.feature_stats(wct.flatten(cf), stats_dtype))
 
-  def matrix(content_stats, style_stats, style_weights, alpha):
-    targets = [(style_weights[i], wct.Stats(*s)) for i, s in enumerate(style_stats)]
-    return wct.wct_matrix(wct.Stats(*content_stats), targets, alpha)
+  return encode
 
-  def decode(dec_params, cf, m, b):
+
+def _matrix(content_stats, style_stats, style_weights, alpha):
+  """The WCT matrix of a level from content and style statistics (shape-independent)."""
+  targets = [(style_weights[i], wct.Stats(*s)) for i, s in enumerate(style_stats)]
+  return wct.wct_matrix(wct.Stats(*content_stats), targets, alpha)
+
+
+def _link_fn(decoder, encoder, stats_dtype):
+  """Decode a level, then (unless ``encoder`` is None) encode its output for the next level.
+
+  One program where the cascade goes from one level to the next, so a
+  cascade of n levels is n + 1 programs per image shape (and n WCT-matrix
+  programs shared by every shape).
+  """
+  encode = None if encoder is None else _encode_fn(encoder, stats_dtype)
+
+  def link(dec_params, cf, m, b, enc_params):
     # WCT is the affine map f @ M.T + b: folded into the decoder's first conv.
-    return decoder.apply(dec_params, cf, input_affine=wct.as_affine(m, b, cf.dtype))
+    img = decoder.apply(dec_params, cf, input_affine=wct.as_affine(m, b, cf.dtype))
+    if encode is None:
+      return img
+    return (img,) + encode(enc_params, img)
 
-  return encode, matrix, decode
+  return link
 
 
 def _style_fn(encoder, stats_dtype):
@@ -92,10 +107,12 @@ class StyleStats:
 class Stylizer:
   """Universal style transfer with a set of per-level encoder/decoder pairs.
 
-  Each level runs as three compiled programs (:func:`_content_fns`), launched
-  by the host one after the other without waiting: the host reports each
-  level as its output is ready, and no program holds a host callback, so all
-  of them are kept in the persistent compile cache
+  A cascade of n levels runs as n + 1 programs compiled per image shape (the
+  first encoder, then one program per level that decodes it and encodes the
+  result for the next level, :func:`_link_fn`) and n WCT-matrix programs
+  compiled once per model, launched by the host one after the other without
+  waiting: the host reports each level as its output is ready, and no program
+  holds a host callback, so all of them are kept in the persistent compile cache
   (:mod:`cdft.stylize.programs`). The programs of a new image shape compile
   concurrently on a thread pool, later levels while earlier ones run.
 
@@ -108,6 +125,8 @@ class Stylizer:
   def __init__(self, levels, stats_dtype=None):
     self.levels = dict(levels)
     self.stats_dtype = np.dtype(stats_dtype or wct.stats_dtype_for_backend())
+    self._param_digests = {}  # level -> hash of its encoder (the style cache's key)
+    self._transposed = None  # the parameters for portrait images, made when first needed
 
   def _static(self, k):
     m = self.levels[k]
@@ -130,6 +149,11 @@ class Stylizer:
   def style_stats(self, styles, levels=DEFAULT_LEVELS, style_weights=None):
     """The statistics of ``styles`` at ``levels``, for :meth:`stylize` (compute once, reuse).
 
+    With the compile cache on (:func:`cdft.stylize.programs.enable_compile_cache`)
+    they are also kept in ``<cdft cache>/styles``, keyed by the style's pixels,
+    the level's encoder (definition and weights) and the code, so the next
+    process with the same style image reads them instead of encoding it again.
+
     Args:
       styles: one (h, w, 3) / (1, h, w, 3) style image or a sequence of them.
       levels: the levels the cascade will run.
@@ -138,52 +162,117 @@ class Stylizer:
     if isinstance(styles, (np.ndarray, jax.Array)):
       styles = [styles]
     styles = tuple(_batched(s) for s in styles)
-    levels = tuple(levels)
+    levels = tuple(dict.fromkeys(levels))
     style_weights = self._check(styles[0], styles, style_weights, levels)
+    stats = {k: [None] * len(styles) for k in levels}
     with wct.x64_scope(self.stats_dtype):
       futures = {}
-      for k in dict.fromkeys(levels):
-        m = self.levels[k]
-        for i, s in enumerate(styles):
-          futures[k, i] = programs.compile_async(
-              f"cascade.style{k}", _style_fn(m.encoder, self.stats_dtype),
-              (m.encoder_params, s), self._static(k))
-      stats = {k: tuple(futures[k, i].result()(self.levels[k].encoder_params, s)
-                        for i, s in enumerate(styles))
-               for k in dict.fromkeys(levels)}
-    return StyleStats(stats, np.asarray(style_weights, np.float32))
+      for i, s in enumerate(styles):
+        stored = self._stored_style(s, levels)
+        for k in levels:
+          if stored is not None:
+            stats[k][i] = tuple(stored[k])  # numpy: no eager device op to compile
+          else:
+            m = self.levels[k]
+            futures[k, i] = programs.compile_async(
+                f"cascade.style{k}", _style_fn(m.encoder, self.stats_dtype),
+                (m.encoder_params, s), self._static(k))
+      for (k, i), future in futures.items():
+        stats[k][i] = future.result()(self.levels[k].encoder_params, styles[i])
+      for i, s in enumerate(styles):
+        if any((k, i) in futures for k in levels):
+          self._store_style(s, {k: stats[k][i] for k in levels})
+    return StyleStats({k: tuple(v) for k, v in stats.items()},
+                      np.asarray(style_weights, np.float32))
 
-  def _level_programs(self, k, shape, num_styles):
-    """Futures of level k's (encode, matrix, decode) programs for an input ``shape``.
+  def _style_path(self, style, levels):
+    root = programs.cache_root()
+    if root is None:
+      return None
+    h = hashlib.sha256(programs.fingerprint().encode())
+    h.update(repr((tuple(style.shape), str(self.stats_dtype), levels)).encode())
+    h.update(np.ascontiguousarray(np.asarray(style, np.float32)).tobytes())
+    for k in levels:
+      if k not in self._param_digests:
+        d = hashlib.sha256(repr(self._static(k)).encode())
+        for leaf in jax.tree.leaves(jax.device_get(self.levels[k].encoder_params)):
+          d.update(np.ascontiguousarray(leaf).tobytes())
+        self._param_digests[k] = d.hexdigest()
+      h.update(self._param_digests[k].encode())
+    return root / "styles" / f"{h.hexdigest()[:32]}.npz"
 
-    The shapes between the programs are worked out here, not traced: a
-    process whose programs are all stored traces nothing.
+  def _stored_style(self, style, levels):
+    """``{level: (mean, cov, count)}`` of a style seen before, or None."""
+    path = self._style_path(style, levels)
+    if path is None or not path.exists():
+      return None
+    try:
+      with np.load(path) as z:
+        return {k: (z[f"mean{k}"], z[f"cov{k}"], z[f"count{k}"]) for k in levels}
+    except Exception:  # pylint: disable=broad-except
+      path.unlink(missing_ok=True)  # a damaged entry is computed again, never trusted
+      return None
+
+  def _store_style(self, style, stats):
+    path = self._style_path(style, tuple(stats))
+    if path is None:
+      return
+    arrays = {}
+    for k, (mean, cov, count) in stats.items():
+      arrays.update({f"mean{k}": np.asarray(mean), f"cov{k}": np.asarray(cov),
+                     f"count{k}": np.asarray(count)})
+    try:
+      with files.atomic_open(path) as f:
+        np.savez(f, **arrays)
+    except OSError:
+      pass  # a read-only cache: the statistics are just computed again next time
+
+  def _specs(self, k, shape):
+    """(features, statistics) specs of level k for an input ``shape``, worked out, not traced.
+
+    A process whose programs are all stored traces nothing.
     """
-    m = self.levels[k]
-    encode, matrix, decode = _content_fns(m.encoder, m.decoder, self.stats_dtype)
-    channels = feature_channels(m, k)
+    channels = feature_channels(self.levels[k], k)
     f = 2 ** (k - 1)
     sdt = jnp.dtype(self.stats_dtype)
     cf = jax.ShapeDtypeStruct((shape[0], shape[1] // f, shape[2] // f, channels), jnp.float32)
-    cstats = (jax.ShapeDtypeStruct((channels,), sdt), jax.ShapeDtypeStruct((channels, channels), sdt),
-              jax.ShapeDtypeStruct((), sdt))
-    weights = jax.ShapeDtypeStruct((num_styles,), jnp.float32)
-    alpha = jax.ShapeDtypeStruct((), jnp.float32)
-    static = self._static(k)
-    image = jax.ShapeDtypeStruct(shape, jnp.float32)
-    return (programs.compile_async(f"cascade.encode{k}", encode, (m.encoder_params, image),
-                                   static),
-            programs.compile_async(f"cascade.matrix{k}", matrix,
-                                   (cstats, (cstats,) * num_styles, weights, alpha), static),
-            programs.compile_async(f"cascade.decode{k}", decode,
-                                   (m.decoder_params, cf, cstats[1], cstats[0]), static))
+    stats = (jax.ShapeDtypeStruct((channels,), sdt),
+             jax.ShapeDtypeStruct((channels, channels), sdt), jax.ShapeDtypeStruct((), sdt))
+    return cf, stats
 
-  def _run_level(self, k, img, style, alpha, futures):
+  def _encode_program(self, k, shape):
     m = self.levels[k]
-    encode, matrix, decode = (f.result() for f in futures)
-    cf, cstats = encode(m.encoder_params, img)
-    mat, off = matrix(cstats, style.stats[k], style.weights, alpha)
-    return decode(m.decoder_params, cf, mat, off)
+    return programs.compile_async(f"cascade.encode{k}", _encode_fn(m.encoder, self.stats_dtype),
+                                  (m.encoder_params, jax.ShapeDtypeStruct(shape, jnp.float32)),
+                                  self._static(k))
+
+  def _matrix_program(self, k, num_styles):
+    _, stats = self._specs(k, (1, 1, 1, 3))
+    return programs.compile_async(
+        f"cascade.matrix{k}", _matrix,
+        (stats, (stats,) * num_styles, jax.ShapeDtypeStruct((num_styles,), jnp.float32),
+         jax.ShapeDtypeStruct((), jnp.float32)), (str(self.stats_dtype),))
+
+  def _link_program(self, k, nxt, shape):
+    """Decode level k (input ``shape``), then encode for level ``nxt`` (None: the last)."""
+    dec = self.levels[k]
+    enc = None if nxt is None else self.levels[nxt]
+    cf, stats = self._specs(k, shape)
+    return programs.compile_async(
+        f"cascade.link{k}to{nxt}",
+        _link_fn(dec.decoder, None if enc is None else enc.encoder, self.stats_dtype),
+        (dec.decoder_params, cf, stats[1], stats[0], None if enc is None else enc.encoder_params),
+        (self._static(k), None if nxt is None else self._static(nxt)))
+
+  def _plan(self, shape, levels, num_styles):
+    """Futures of a cascade's programs: the first encode, then (matrix, link) per level."""
+    steps = []
+    first = self._encode_program(levels[0], shape)
+    for i, k in enumerate(levels):
+      nxt = levels[i + 1] if i + 1 < len(levels) else None
+      steps.append((k, self._matrix_program(k, num_styles), self._link_program(k, nxt, shape)))
+      shape = level_output_shape(k, shape)
+    return first, steps
 
   def _style(self, styles, levels, style_weights):
     if isinstance(styles, StyleStats):
@@ -210,17 +299,20 @@ class Stylizer:
     self._check(content, (), None, (k,))
     style = self._style(styles, (k,), style_weights)
     with wct.x64_scope(self.stats_dtype):
-      futures = self._level_programs(k, content.shape, len(style.weights))
-      return self._run_level(k, content, style, np.float32(alpha), futures)
+      first, [(_, matrix, link)] = self._plan(content.shape, (k,), len(style.weights))
+      m = self.levels[k]
+      cf, cstats = first.result()(m.encoder_params, content)
+      mat, off = matrix.result()(cstats, style.stats[k], style.weights, np.float32(alpha))
+      return link.result()(m.decoder_params, cf, mat, off, None)
 
   def warm_up(self, shape, levels=DEFAULT_LEVELS, num_styles=1):
     """Starts compiling the cascade's programs for a (1, H, W, 3) content shape; returns futures."""
-    futures = []
+    shape = tuple(shape)
+    if shape[1] > shape[2]:  # portraits run transposed (see stylize)
+      shape = (shape[0], shape[2], shape[1], shape[3])
     with wct.x64_scope(self.stats_dtype):
-      for k in levels:
-        futures += self._level_programs(k, shape, num_styles)
-        shape = level_output_shape(k, shape)
-    return futures
+      first, steps = self._plan(shape, tuple(levels), num_styles)
+    return [first] + [f for _, matrix, link in steps for f in (matrix, link)]
 
   def stylize(self, content, styles, alpha=1.0, levels=DEFAULT_LEVELS, style_weights=None,
               callback: Optional[Callable[[int, float], None]] = None):
@@ -244,18 +336,43 @@ class Stylizer:
     self._check(img, (), None, levels)
     style = self._style(styles, levels, style_weights)
     start = time.perf_counter()
+    # A portrait image runs through the programs of its landscape shape: the
+    # cascade of the transposed image with transposed kernels is the transposed
+    # cascade (reflection pads, 2x2 pools, upsampling and the statistics are
+    # symmetric in the two axes), so both orientations share one compile.
+    portrait = img.shape[1] > img.shape[2]
+    if portrait:
+      img = np.ascontiguousarray(np.swapaxes(np.asarray(img), 1, 2))
+    params = self._transposed_params() if portrait else {
+        k: (m.encoder_params, m.decoder_params) for k, m in self.levels.items()}
     with wct.x64_scope(self.stats_dtype):
-      plan, shape = [], img.shape
-      for k in levels:  # every level's programs start compiling now, in parallel
-        plan.append((k, self._level_programs(k, shape, len(style.weights))))
-        shape = level_output_shape(k, shape)
+      # Every program starts compiling now (those of a seen shape load from the cache).
+      first, steps = self._plan(img.shape, levels, len(style.weights))
       alpha = np.float32(alpha)
       reporter = _Reporter(callback, start)
-      for k, futures in plan:
-        img = self._run_level(k, img, style, alpha, futures)  # launched, not waited for
+      cf, cstats = first.result()(params[levels[0]][0], img)
+      for i, (k, matrix, link) in enumerate(steps):  # launched, not waited for
+        mat, off = matrix.result()(cstats, style.stats[k], style.weights, alpha)
+        nxt = steps[i + 1][0] if i + 1 < len(steps) else None
+        out = link.result()(params[k][1], cf, mat, off, None if nxt is None else params[nxt][0])
+        img, cf, cstats = (out, None, None) if nxt is None else out
+        # Level k's output exists once the program that also encodes it for
+        # the next level is done: its line comes that much later.
         reporter.add(k, img)
       reporter.report(wait=True)
-    return np.asarray(img)[0]  # on the host: no eager device op (compile) per shape
+    out = np.asarray(img)[0]  # on the host: no eager device op (compile) per shape
+    return np.ascontiguousarray(np.swapaxes(out, 0, 1)) if portrait else out
+
+  def _transposed_params(self):
+    """Every level's (encoder, decoder) parameters with the kernels' two spatial axes swapped."""
+    if self._transposed is None:
+      def swap(x):
+        x = np.asarray(x)
+        return jax.device_put(np.ascontiguousarray(np.swapaxes(x, 0, 1)) if x.ndim == 4 else x)
+      self._transposed = {
+          k: jax.tree.map(swap, jax.device_get((m.encoder_params, m.decoder_params)))
+          for k, m in self.levels.items()}
+    return self._transposed
 
 
 class _Reporter:

@@ -68,6 +68,17 @@ def enable_compile_cache(cache_dir=None):
   return root
 
 
+def cache_root():
+  """The cdft cache folder of :func:`enable_compile_cache`, or None when it is off."""
+  store = _STATE["store"]
+  return None if store is None else store.parent
+
+
+def fingerprint():
+  """A hash of the code the programs are traced from (and of the jax version)."""
+  return _fingerprint()
+
+
 def _fingerprint():
   """Hash of the sources the programs are traced from, and of the jax version."""
   if _STATE["fingerprint"] is None:

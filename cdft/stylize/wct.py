@@ -94,6 +94,8 @@ def moment_sums(f, mean=None, dtype=jnp.float64, block_rows=STATS_BLOCK_ROWS, ma
     return s1, s2
 
   init = (jnp.zeros((c,), dtype), jnp.zeros((c, c), dtype))
+  if num_blocks == 1:  # the same sums without a loop (a smaller program to compile)
+    return body(0, init)
   return jax.lax.fori_loop(0, num_blocks, body, init)
 
 
