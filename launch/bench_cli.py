@@ -45,7 +45,7 @@ UHD = "uhd/cd_green_park_wallpaper_3840x2160.jpg"
 IMPORT_CMD = "import jax, flax.linen, cdft.stylize.cli; jax.devices()"
 
 
-def _measure(cmd, env):
+def _measure(cmd, env, cwd=None):
   """Runs ``cmd`` in a helper process so that the peak RSS is that command's alone."""
   helper = ("import json, resource, subprocess, sys, time; t = time.perf_counter(); "
             "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
@@ -53,7 +53,7 @@ def _measure(cmd, env):
             "print(json.dumps({'rc': p.returncode, 'wall': w, 'out': p.stdout, 'err': p.stderr, "
             "'rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
   proc = subprocess.run([sys.executable, "-c", helper] + cmd, env=env, capture_output=True,
-                        text=True, check=True)
+                        text=True, check=True, cwd=cwd)
   res = json.loads(proc.stdout)
   if res["rc"]:
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{res['out']}\n{res['err']}")
@@ -61,7 +61,11 @@ def _measure(cmd, env):
 
 
 def _stylize_cmd(content, style, output, args, content_size=None, style_size=None):
-  cmd = [shutil.which("cdft-stylize") or "cdft-stylize", "--content", str(content),
+  if args.tree is not None:  # another checkout of cdft (--calibrate)
+    cli = [sys.executable, "-m", "cdft.stylize.cli"]
+  else:
+    cli = [shutil.which("cdft-stylize") or "cdft-stylize"]
+  cmd = cli + ["--content", str(content),
          "--style", str(style), "--output", str(output), "--weights-dir", str(args.weights_dir)]
   if content_size:
     cmd += ["--content-size", str(content_size)]
@@ -105,19 +109,31 @@ def main():
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--workloads", default="import,eight,one_512,one_2048,one_uhd")
   p.add_argument("--out", type=pathlib.Path, default=None)
+  p.add_argument("--calibrate", type=pathlib.Path, default=None, metavar="TREE",
+                 help="run the workloads with the cdft of another checkout TREE (e.g. 5250f36, "
+                      "which the baseline measured on its machine): this machine's speed "
+                      "against the baseline's")
+  p.add_argument("--calibration", type=pathlib.Path, default=None,
+                 help="JSON of a --calibrate run on this machine: adds the ratio transferred to "
+                      "the baseline's machine (this run / 5250f36 here x 5250f36 there / official)")
   args = p.parse_args()
+  args.tree = None if args.calibrate is None else args.calibrate.resolve()
+  args.weights_dir, args.images = args.weights_dir.resolve(), args.images.resolve()
   chosen = args.workloads.split(",")
   base = json.loads(args.baseline.read_text()) if args.baseline.exists() else {}
   work = pathlib.Path(tempfile.mkdtemp(prefix="cdft_bench_cli_"))
   env = dict(os.environ)
   env.pop("CDFT_NO_COMPILE_CACHE", None)
+  if args.tree is not None:
+    env["PYTHONPATH"] = str(args.tree)
   results = {}
   try:
     eight, content_2048, style_1024 = _inputs(work, args.images)
     style = args.images / STYLE
 
     def run(cmd, cache):
-      return _measure(cmd, dict(env, CDFT_CACHE_DIR=str(cache)))
+      # From the other checkout's folder, so that its cdft is the one imported.
+      return _measure(cmd, dict(env, CDFT_CACHE_DIR=str(cache)), cwd=args.tree)
 
     if "import" in chosen:
       results["import"] = _median_row([run([sys.executable, "-c", IMPORT_CMD], work / "c0")
@@ -171,16 +187,35 @@ def main():
       "one_2048": official.get("one_photo_2048", {}).get("official_peak_rss_mib"),
       "one_uhd": uhd.get("peak_rss_kb", 0) / 1024 or None,
   }
+  # cdft at 5250f36 on the baseline's machine (the same workloads).
+  eight = official.get("eight_photos_eight_shapes", {})
+  old_there = {"eight_cold": eight.get("cdft_at_5250f36_empty_cache_s"),
+               "eight_warm": eight.get("cdft_at_5250f36_warm_cache_s"),
+               "one_512_second": official.get("one_photo_512", {}).get(
+                   "cdft_at_5250f36_second_process_s"),
+               "one_2048": official.get("one_photo_2048", {}).get(
+                   "cdft_at_5250f36_process_median_s"),
+               "import": ref["import"]}
+  old_here = {}
+  if args.calibration is not None:
+    old_here = {k: v["median_s"] for k, v in
+                json.loads(args.calibration.read_text())["results"].items()}
   print("\n| workload | cdft median (s) | cdft peak RSS (MiB) | official (s) | time ratio "
-        "| official RSS (MiB) | RSS ratio |")
-  print("|---|---|---|---|---|---|---|")
+        "| official RSS (MiB) | RSS ratio | 5250f36 here / there (s) | ratio transferred |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  transferred = {}
   for name, row in results.items():
     r, m = ref.get(name), ref_rss.get(name)
     ratio = f"{row['median_s'] / r:.2f}x" if r else "-"
     mratio = f"{row['peak_rss_mib'] / m:.2f}x" if m else "-"
+    here, there = old_here.get(name), old_there.get(name)
+    cal = "-"
+    if here and there and r:
+      transferred[name] = row["median_s"] / here * there / r
+      cal = f"{transferred[name]:.2f}x"
     print(f"| {name} | {row['median_s']} ({', '.join(map(str, row['runs_s']))}) | "
           f"{row['peak_rss_mib']} | {r if r else '-'} | {ratio} | {round(m) if m else '-'} | "
-          f"{mratio} |")
+          f"{mratio} | {here or '-'} / {there or '-'} | {cal} |")
   if args.out:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
@@ -188,7 +223,9 @@ def main():
         "machine": f"{platform.machine()} {os.cpu_count()} cores, "
                    f"avx512f={'avx512f' in pathlib.Path('/proc/cpuinfo').read_text()}",
         "repeats": args.repeats, "results": results, "official_s": ref,
-        "official_peak_rss_mib": ref_rss,
+        "official_peak_rss_mib": ref_rss, "cdft_5250f36_baseline_machine_s": old_there,
+        "cdft_5250f36_this_machine_s": old_here, "ratio_transferred": transferred,
+        "tree": None if args.tree is None else str(args.tree),
         "measured": time.strftime("%Y-%m-%d %H:%M"),
     }, indent=1) + "\n")
 

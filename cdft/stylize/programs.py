@@ -39,7 +39,10 @@ _SOURCE_PACKAGES = ("models", "stylize")
 
 _LOCK = threading.Lock()
 _STATE = {"store": None, "pool": None, "fingerprint": None}
-_PROGRAMS = {}  # key -> Future of a compiled program
+_PROGRAMS = {}  # key -> Future of a compiled program, oldest first
+# Compiled programs kept in memory (a folder of photos of many shapes would
+# otherwise keep every shape's); the oldest finished ones go first.
+MAX_PROGRAMS = 256
 
 
 def enable_compile_cache(cache_dir=None):
@@ -158,10 +161,13 @@ def compile_async(name, fn, args, static=()):
   specs = jax.tree.map(_spec, args)
   key = _key(name, static, specs, x64)
   with _LOCK:
-    future = _PROGRAMS.get(key)
+    future = _PROGRAMS.pop(key, None)
     if future is None:
       future = _pool().submit(_build, key, fn, specs, x64)
-      _PROGRAMS[key] = future
+      excess = len(_PROGRAMS) + 1 - MAX_PROGRAMS
+      for old in [k for k, f in _PROGRAMS.items() if f.done()][:max(0, excess)]:
+        del _PROGRAMS[old]
+    _PROGRAMS[key] = future  # (re)inserted last: the most recently used
   return future
 
 

@@ -21,7 +21,7 @@ from cdft.weights import convert, torch_format, zoo
 # Bump when the conversion changes, so stale converted caches are not reused.
 CONVERSION_VERSION = 1
 # Spatial size of the dummy input used to derive parameter shapes.
-_PROBE = jnp.zeros((1, 32, 32, 3), jnp.float32)
+_PROBE = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)  # abstract: no device op at import
 
 
 def _cached(source, tag, build, cache_dir=None):

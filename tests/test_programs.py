@@ -1,0 +1,67 @@
+"""The compiled-program layer: one future per program, the export store, the memory bound."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdft.stylize import programs
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+  """An empty export store and program table (the XLA cache of the session is untouched)."""
+  monkeypatch.setitem(programs._STATE, "store", tmp_path / "programs")
+  monkeypatch.setattr(programs, "_PROGRAMS", {})
+  return tmp_path / "programs"
+
+
+def _counting(traces):
+  def fn(x, y):
+    traces.append(x.shape)  # runs once per trace
+    return jnp.tanh(x) * 2 + y.sum()
+  return fn
+
+
+def test_one_future_per_program_and_shape(store):
+  traces = []
+  fn = _counting(traces)
+  x, y = np.ones((3, 4), np.float32), np.ones((2,), np.float32)
+  a = programs.compile_async("t.fn", fn, (x, y))
+  assert programs.compile_async("t.fn", fn, (x, y)) is a
+  assert programs.compile_async("t.fn", fn, (jax.ShapeDtypeStruct((3, 4), jnp.float32), y)) is a
+  b = programs.compile_async("t.fn", fn, (np.ones((5, 4), np.float32), y))
+  c = programs.compile_async("t.fn", fn, (x, y), static=("other",))
+  assert len({id(a), id(b), id(c)}) == 3
+  np.testing.assert_allclose(a.result()(x, y), np.tanh(1) * 2 + 2, rtol=1e-6)
+  assert b.result()(np.ones((5, 4), np.float32), y).shape == (5, 4)
+  np.testing.assert_allclose(c.result()(x, y), np.tanh(1) * 2 + 2, rtol=1e-6)
+
+
+def test_export_store_replaces_tracing_and_recovers_from_damage(store, monkeypatch):
+  traces = []
+  fn = _counting(traces)
+  x, y = np.full((2, 3), 0.5, np.float32), np.arange(4, dtype=np.float32)
+  want = np.tanh(0.5) * 2 + 6
+  np.testing.assert_allclose(programs.compiled("t.store", fn, (x, y))(x, y), want, rtol=1e-6)
+  files = list(store.iterdir())
+  assert len(files) == 1 and len(traces) == 1
+  # As a new process: a fresh function object (jax's own trace cache does not know it).
+  monkeypatch.setattr(programs, "_PROGRAMS", {})
+  fn = _counting(traces)
+  np.testing.assert_allclose(programs.compiled("t.store", fn, (x, y))(x, y), want, rtol=1e-6)
+  assert len(traces) == 1  # read from the store, not traced
+  files[0].write_bytes(b"not an exported program")
+  monkeypatch.setattr(programs, "_PROGRAMS", {})
+  np.testing.assert_allclose(programs.compiled("t.store", fn, (x, y))(x, y), want, rtol=1e-6)
+  assert len(traces) == 2 and files[0].stat().st_size > 100  # traced again, entry rewritten
+
+
+def test_programs_in_memory_are_bounded(store, monkeypatch):
+  monkeypatch.setattr(programs, "MAX_PROGRAMS", 3)
+  fn = lambda x: x + 1  # noqa: E731
+  futures = [programs.compile_async("t.bound", fn, (np.zeros((n,), np.float32),))
+             for n in range(1, 6)]
+  for f in futures:
+    f.result()
+  programs.compile_async("t.bound", fn, (np.zeros((9,), np.float32),)).result()
+  assert len(programs._PROGRAMS) <= 3
