@@ -249,7 +249,7 @@ class Stylizer:
   def _matrix_program(self, k, num_styles):
     _, stats = self._specs(k, (1, 1, 1, 3))
     return programs.compile_async(
-        f"cascade.matrix{k}", _matrix,
+        "cascade.matrix", _matrix,  # one program for the levels of one width
         (stats, (stats,) * num_styles, jax.ShapeDtypeStruct((num_styles,), jnp.float32),
          jax.ShapeDtypeStruct((), jnp.float32)), (str(self.stats_dtype),))
 
