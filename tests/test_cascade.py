@@ -1,6 +1,7 @@
 """The cascade: equal to chaining the levels, style statistics reused, progress per level,
 its programs kept on disk (a second process compiles nothing); and the XLA:CPU tuning of
 the stylization entry points."""
+import json
 import os
 import subprocess
 import sys
@@ -87,10 +88,32 @@ levels = jax.device_get(levels)
 st = cascade.Stylizer(levels)
 rng = np.random.default_rng(0)
 h, w = int(sys.argv[2]), int(sys.argv[3])
-out = st.stylize(rng.random((h, w, 3), dtype=np.float32), rng.random((24, 24, 3), dtype=np.float32),
-                 levels=(2, 1))
+content, style = rng.random((h, w, 3), dtype=np.float32), rng.random((24, 24, 3), dtype=np.float32)
+if len(sys.argv) > 4:  # exact tiles of this size (the tiled level programs)
+  from cdft.stylize import tiled
+  out = tiled.TiledStylizer(st, tile=int(sys.argv[4])).stylize(content, style, levels=(2, 1))
+  out = out.to_array()
+else:
+  out = st.stylize(content, style, levels=(2, 1))
 print(json.dumps({"events": events, "sum": float(np.abs(out).sum())}))
 """
+
+
+def _cached_run(cache, *args):
+  env = dict(os.environ)
+  env.pop("CDFT_NO_COMPILE_CACHE", None)
+  out = subprocess.run([sys.executable, "-c", _CACHE_CHILD, str(cache)] + [str(a) for a in args],
+                       env=env, capture_output=True, text=True, check=True).stdout
+  return json.loads(out.splitlines()[-1])
+
+
+def _assert_every_program_from_the_cache(events):
+  # Every program lowered was a persistent-cache hit. A program JAX will not
+  # cache (one holding a host callback) is lowered and compiled without even
+  # asking the cache: it counts among the lowerings, not the requests or hits.
+  hits = events["/jax/compilation_cache/cache_hits"]
+  assert events["/jax/compilation_cache/compile_requests_use_cache"] == hits
+  assert events["/jax/core/compile/jaxpr_to_mlir_module_duration"] == hits
 
 
 def test_second_process_compiles_nothing(tmp_path):
@@ -98,11 +121,7 @@ def test_second_process_compiles_nothing(tmp_path):
   cache = tmp_path / "cache"
 
   def run(h, w):
-    env = dict(os.environ)
-    env.pop("CDFT_NO_COMPILE_CACHE", None)
-    out = subprocess.run([sys.executable, "-c", _CACHE_CHILD, str(cache), str(h), str(w)],
-                         env=env, capture_output=True, text=True, check=True).stdout
-    return __import__("json").loads(out.splitlines()[-1])
+    return _cached_run(cache, h, w)
 
   first = run(24, 32)
   ev = first["events"]
@@ -116,7 +135,7 @@ def test_second_process_compiles_nothing(tmp_path):
   ev2 = second["events"]
   assert ev2.get("/jax/compilation_cache/cache_misses", 0) == 0  # nothing compiled, nothing written
   assert ev2.get("/jax/compilation_cache/cache_hits", 0) >= 5  # the style is read, not run
-  assert ev2.get("/jax/compilation_cache/compile_requests_use_cache") == ev2["/jax/compilation_cache/cache_hits"]
+  _assert_every_program_from_the_cache(ev2)
   assert second["sum"] == first["sum"]  # the same result from the cached programs
   assert sorted(p.name for p in (cache / "programs").iterdir()) == stored  # nothing traced anew
   # A new shape compiles its shape-dependent programs only (the first encoder and
@@ -124,6 +143,16 @@ def test_second_process_compiles_nothing(tmp_path):
   third = run(40, 24)["events"]
   assert third.get("/jax/compilation_cache/cache_misses", 0) == 3
   assert len(list((cache / "programs").iterdir())) == 10
+
+
+def test_tiled_levels_are_cached_too(tmp_path):
+  first = _cached_run(tmp_path, 80, 144, 64)
+  assert first["events"].get("/jax/compilation_cache/cache_misses", 0) > 0
+  second = _cached_run(tmp_path, 80, 144, 64)
+  assert second["events"].get("/jax/compilation_cache/cache_misses", 0) == 0
+  assert second["events"].get("/jax/compilation_cache/cache_hits", 0) > 0
+  _assert_every_program_from_the_cache(second["events"])
+  assert second["sum"] == first["sum"]
 
 
 def test_progress_once_per_level_in_order(stylizer):
