@@ -60,8 +60,8 @@ def _link_fn(decoder, encoder, stats_dtype):
   """Decode a level, then (unless ``encoder`` is None) encode its output for the next level.
 
   One program where the cascade goes from one level to the next, so a
-  cascade of n levels is n + 1 programs per image shape (and n WCT-matrix
-  programs shared by every shape).
+  cascade of n levels is n + 1 programs per image shape (and one WCT-matrix
+  program per feature width, shared by every shape).
   """
   encode = None if encoder is None else _encode_fn(encoder, stats_dtype)
 
@@ -109,8 +109,8 @@ class Stylizer:
 
   A cascade of n levels runs as n + 1 programs compiled per image shape (the
   first encoder, then one program per level that decodes it and encodes the
-  result for the next level, :func:`_link_fn`) and n WCT-matrix programs
-  compiled once per model, launched by the host one after the other without
+  result for the next level, :func:`_link_fn`) and one WCT-matrix program
+  per feature width compiled once per model, launched by the host one after the other without
   waiting: the host reports each level as its output is ready, and no program
   holds a host callback, so all of them are kept in the persistent compile cache
   (:mod:`cdft.stylize.programs`). The programs of a new image shape compile
