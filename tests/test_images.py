@@ -230,6 +230,23 @@ def test_exif_orientation(tmp_path):
   np.testing.assert_allclose(image[35, 10], [0, 0, 1], atol=0.05)
   # The resize applies to the displayed orientation.
   assert images.load_image(path, shorter_side=16).shape == (32, 16, 3)
+  # The header alone gives the same shapes (what the CLI compiles ahead for).
+  assert images.probe_size(path) == (40, 20)
+  assert images.probe_size(path, 16) == (32, 16)
+
+
+def test_probe_size_matches_load_image(images_dir, tmp_path):
+  for path in sorted((images_dir / "content").glob("*.jpg"))[:4]:
+    for side in (None, 512):
+      if side is None:  # decoding at full size is slow for big photos; the header is enough
+        with Image.open(path) as pil:
+          assert images.probe_size(path) == (pil.height, pil.width)
+      else:
+        assert images.probe_size(path, side) == images.load_image(path, side).shape[:2]
+  bad = tmp_path / "bad.jpg"
+  bad.write_bytes(b"not an image")
+  assert images.probe_size(bad) is None  # load_image says what is wrong
+  assert images.probe_size(tmp_path / "missing.jpg") is None
 
 
 # Errors.

@@ -42,17 +42,17 @@ def test_export_store_replaces_tracing_and_recovers_from_damage(store, monkeypat
   fn = _counting(traces)
   x, y = np.full((2, 3), 0.5, np.float32), np.arange(4, dtype=np.float32)
   want = np.tanh(0.5) * 2 + 6
-  np.testing.assert_allclose(programs.compiled("t.store", fn, (x, y))(x, y), want, rtol=1e-6)
+  np.testing.assert_allclose(programs.compile_async("t.store", fn, (x, y)).result()(x, y), want, rtol=1e-6)
   files = list(store.iterdir())
   assert len(files) == 1 and len(traces) == 1
   # As a new process: a fresh function object (jax's own trace cache does not know it).
   monkeypatch.setattr(programs, "_PROGRAMS", {})
   fn = _counting(traces)
-  np.testing.assert_allclose(programs.compiled("t.store", fn, (x, y))(x, y), want, rtol=1e-6)
+  np.testing.assert_allclose(programs.compile_async("t.store", fn, (x, y)).result()(x, y), want, rtol=1e-6)
   assert len(traces) == 1  # read from the store, not traced
   files[0].write_bytes(b"not an exported program")
   monkeypatch.setattr(programs, "_PROGRAMS", {})
-  np.testing.assert_allclose(programs.compiled("t.store", fn, (x, y))(x, y), want, rtol=1e-6)
+  np.testing.assert_allclose(programs.compile_async("t.store", fn, (x, y)).result()(x, y), want, rtol=1e-6)
   assert len(traces) == 2 and files[0].stat().st_size > 100  # traced again, entry rewritten
 
 

@@ -181,16 +181,25 @@ def _to_float_rgb(image, path):
                      f"({_one_line(e)})") from e
 
 
+def _exif_orientation(image):
+  """The EXIF orientation tag of ``image`` (1, as stored, when absent or malformed).
+
+  A malformed EXIF block keeps the stored orientation rather than refusing an
+  otherwise good photo.
+  """
+  try:
+    return image.getexif().get(_EXIF_ORIENTATION, 1)
+  except Exception:  # pylint: disable=broad-except
+    return 1
+
+
 def _apply_exif_orientation(image):
   """Returns ``image`` turned as its EXIF orientation tag (if any) says."""
-  try:
-    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    if orientation in (2, 3, 4, 5, 6, 7, 8):
+  if _exif_orientation(image) in (2, 3, 4, 5, 6, 7, 8):
+    try:
       return ImageOps.exif_transpose(image)
-  except Exception:  # pylint: disable=broad-except
-    # A malformed EXIF block: keep the stored orientation rather than refuse
-    # an otherwise good photo.
-    pass
+    except Exception:  # pylint: disable=broad-except
+      pass  # as a malformed EXIF block: keep the stored orientation
   return image
 
 
@@ -225,11 +234,8 @@ def probe_size(path, shorter_side=None):
   try:
     with Image.open(path) as image:
       width, height = image.size
-      try:
-        if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # turned by 90 degrees
-          width, height = height, width
-      except Exception:  # pylint: disable=broad-except
-        pass  # as _apply_exif_orientation: a malformed EXIF block is ignored
+      if _exif_orientation(image) in (5, 6, 7, 8):  # turned by 90 degrees
+        width, height = height, width
   except Exception:  # pylint: disable=broad-except
     return None
   if shorter_side is not None:

@@ -7,9 +7,9 @@ next level (as ``PytorchWCT/WCT.py`` of the official code). The style side
 every content (:meth:`Stylizer.style_stats`). The content side is n + 1
 programs compiled per input shape (the first encoder, then per level its
 decoder fused with the next level's encoder and content statistics) and one
-WCT-matrix program per level from the float64 statistics (see
-:mod:`cdft.stylize.wct`), compiled once per model; all of them are kept on
-disk (:mod:`cdft.stylize.programs`).
+WCT-matrix program per feature width from the float64 statistics (see
+:mod:`cdft.stylize.wct`), shared by every shape; all of them are kept on disk
+(:mod:`cdft.stylize.programs`).
 
 Size bookkeeping follows the official code: floor max-pooling and x2 upsampling
 shrink a side that is not a multiple of 2^(k-1) at level k (3000 -> 2992 at
@@ -109,11 +109,11 @@ class Stylizer:
 
   A cascade of n levels runs as n + 1 programs compiled per image shape (the
   first encoder, then one program per level that decodes it and encodes the
-  result for the next level, :func:`_link_fn`) and one WCT-matrix program
-  per feature width compiled once per model, launched by the host one after the other without
-  waiting: the host reports each level as its output is ready, and no program
-  holds a host callback, so all of them are kept in the persistent compile cache
-  (:mod:`cdft.stylize.programs`). The programs of a new image shape compile
+  result for the next level, :func:`_link_fn`) and one WCT-matrix program per
+  feature width shared by every shape, launched by the host one after the
+  other without waiting: the host reports each level as its output is ready,
+  and no program holds a host callback, so all of them are kept in the
+  persistent compile cache (:mod:`cdft.stylize.programs`). The programs of a new image shape compile
   concurrently on a thread pool, later levels while earlier ones run.
 
   Args:
@@ -165,10 +165,11 @@ class Stylizer:
     levels = tuple(dict.fromkeys(levels))
     style_weights = self._check(styles[0], styles, style_weights, levels)
     stats = {k: [None] * len(styles) for k in levels}
+    paths = [self._style_path(s, levels) for s in styles]
     with wct.x64_scope(self.stats_dtype):
       futures = {}
       for i, s in enumerate(styles):
-        stored = self._stored_style(s, levels)
+        stored = self._stored_style(paths[i], levels)
         for k in levels:
           if stored is not None:
             stats[k][i] = tuple(stored[k])  # numpy: no eager device op to compile
@@ -179,13 +180,14 @@ class Stylizer:
                 (m.encoder_params, s), self._static(k))
       for (k, i), future in futures.items():
         stats[k][i] = future.result()(self.levels[k].encoder_params, styles[i])
-      for i, s in enumerate(styles):
+      for i, path in enumerate(paths):
         if any((k, i) in futures for k in levels):
-          self._store_style(s, {k: stats[k][i] for k in levels})
+          self._store_style(path, {k: stats[k][i] for k in levels})
     return StyleStats({k: tuple(v) for k, v in stats.items()},
                       np.asarray(style_weights, np.float32))
 
   def _style_path(self, style, levels):
+    """Where the statistics of ``style`` at ``levels`` are kept (None: no cache)."""
     root = programs.cache_root()
     if root is None:
       return None
@@ -201,9 +203,9 @@ class Stylizer:
       h.update(self._param_digests[k].encode())
     return root / "styles" / f"{h.hexdigest()[:32]}.npz"
 
-  def _stored_style(self, style, levels):
-    """``{level: (mean, cov, count)}`` of a style seen before, or None."""
-    path = self._style_path(style, levels)
+  @staticmethod
+  def _stored_style(path, levels):
+    """``{level: (mean, cov, count)}`` kept at ``path`` for a style seen before, or None."""
     if path is None or not path.exists():
       return None
     try:
@@ -213,8 +215,8 @@ class Stylizer:
       path.unlink(missing_ok=True)  # a damaged entry is computed again, never trusted
       return None
 
-  def _store_style(self, style, stats):
-    path = self._style_path(style, tuple(stats))
+  @staticmethod
+  def _store_style(path, stats):
     if path is None:
       return
     arrays = {}
@@ -227,18 +229,22 @@ class Stylizer:
     except OSError:
       pass  # a read-only cache: the statistics are just computed again next time
 
-  def _specs(self, k, shape):
-    """(features, statistics) specs of level k for an input ``shape``, worked out, not traced.
+  # The shapes between the programs are worked out, not traced: a process
+  # whose programs are all stored traces nothing.
 
-    A process whose programs are all stored traces nothing.
-    """
-    channels = feature_channels(self.levels[k], k)
+  def _feature_spec(self, k, shape):
+    """Level k's features (relu{k}_1) for an input ``shape``."""
     f = 2 ** (k - 1)
+    return jax.ShapeDtypeStruct(
+        (shape[0], shape[1] // f, shape[2] // f, feature_channels(self.levels[k], k)),
+        jnp.float32)
+
+  def _stats_spec(self, k):
+    """Level k's feature statistics ``(mean, cov, count)``."""
+    c = feature_channels(self.levels[k], k)
     sdt = jnp.dtype(self.stats_dtype)
-    cf = jax.ShapeDtypeStruct((shape[0], shape[1] // f, shape[2] // f, channels), jnp.float32)
-    stats = (jax.ShapeDtypeStruct((channels,), sdt),
-             jax.ShapeDtypeStruct((channels, channels), sdt), jax.ShapeDtypeStruct((), sdt))
-    return cf, stats
+    return (jax.ShapeDtypeStruct((c,), sdt), jax.ShapeDtypeStruct((c, c), sdt),
+            jax.ShapeDtypeStruct((), sdt))
 
   def _encode_program(self, k, shape):
     m = self.levels[k]
@@ -247,7 +253,7 @@ class Stylizer:
                                   self._static(k))
 
   def _matrix_program(self, k, num_styles):
-    _, stats = self._specs(k, (1, 1, 1, 3))
+    stats = self._stats_spec(k)
     return programs.compile_async(
         "cascade.matrix", _matrix,  # one program for the levels of one width
         (stats, (stats,) * num_styles, jax.ShapeDtypeStruct((num_styles,), jnp.float32),
@@ -257,11 +263,12 @@ class Stylizer:
     """Decode level k (input ``shape``), then encode for level ``nxt`` (None: the last)."""
     dec = self.levels[k]
     enc = None if nxt is None else self.levels[nxt]
-    cf, stats = self._specs(k, shape)
+    mean, cov, _ = self._stats_spec(k)  # the WCT map (M, b) has the shapes of (cov, mean)
     return programs.compile_async(
         f"cascade.link{k}to{nxt}",
         _link_fn(dec.decoder, None if enc is None else enc.encoder, self.stats_dtype),
-        (dec.decoder_params, cf, stats[1], stats[0], None if enc is None else enc.encoder_params),
+        (dec.decoder_params, self._feature_spec(k, shape), cov, mean,
+         None if enc is None else enc.encoder_params),
         (self._static(k), None if nxt is None else self._static(nxt)))
 
   def _plan(self, shape, levels, num_styles):
@@ -307,11 +314,8 @@ class Stylizer:
 
   def warm_up(self, shape, levels=DEFAULT_LEVELS, num_styles=1):
     """Starts compiling the cascade's programs for a (1, H, W, 3) content shape; returns futures."""
-    shape = tuple(shape)
-    if shape[1] > shape[2]:  # portraits run transposed (see stylize)
-      shape = (shape[0], shape[2], shape[1], shape[3])
     with wct.x64_scope(self.stats_dtype):
-      first, steps = self._plan(shape, tuple(levels), num_styles)
+      first, steps = self._plan(_landscape(tuple(shape)), tuple(levels), num_styles)
     return [first] + [f for _, matrix, link in steps for f in (matrix, link)]
 
   def stylize(self, content, styles, alpha=1.0, levels=DEFAULT_LEVELS, style_weights=None,
@@ -340,7 +344,7 @@ class Stylizer:
     # cascade of the transposed image with transposed kernels is the transposed
     # cascade (reflection pads, 2x2 pools, upsampling and the statistics are
     # symmetric in the two axes), so both orientations share one compile.
-    portrait = img.shape[1] > img.shape[2]
+    portrait = _landscape(img.shape) != tuple(img.shape)
     if portrait:
       img = np.ascontiguousarray(np.swapaxes(np.asarray(img), 1, 2))
     params = self._transposed_params() if portrait else {
@@ -396,6 +400,12 @@ class _Reporter:
       if self.callback is not None:
         self.callback(k, now - self.last)
       self.last = now
+
+
+def _landscape(shape):
+  """The (N, H, W, C) shape whose programs run an image of ``shape``: portraits transposed."""
+  n, h, w, c = shape
+  return (n, w, h, c) if h > w else (n, h, w, c)
 
 
 def _batched(x):

@@ -78,12 +78,7 @@ def cache_root():
 
 
 def fingerprint():
-  """A hash of the code the programs are traced from (and of the jax version)."""
-  return _fingerprint()
-
-
-def _fingerprint():
-  """Hash of the sources the programs are traced from, and of the jax version."""
+  """A hash of the sources the programs are traced from, and of the jax version."""
   if _STATE["fingerprint"] is None:
     h = hashlib.sha256(f"v{STORE_VERSION} jax {jax.__version__}".encode())
     package = pathlib.Path(__file__).resolve().parent.parent
@@ -105,7 +100,7 @@ def _key(name, static, specs, x64):
   leaves, treedef = jax.tree.flatten(specs)
   text = repr((name, static, str(treedef), [(tuple(s.shape), str(s.dtype)) for s in leaves],
                bool(x64), jax.default_backend()))
-  return hashlib.sha256((_fingerprint() + text).encode()).hexdigest()[:32]
+  return hashlib.sha256((fingerprint() + text).encode()).hexdigest()[:32]
 
 
 def _exported(key, fn, specs):
@@ -170,7 +165,3 @@ def compile_async(name, fn, args, static=()):
     _PROGRAMS[key] = future  # (re)inserted last: the most recently used
   return future
 
-
-def compiled(name, fn, args, static=()):
-  """:func:`compile_async`, waited for."""
-  return compile_async(name, fn, args, static).result()
