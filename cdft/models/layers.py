@@ -45,16 +45,56 @@ def reflect_conv3x3_naive(x, kernel, bias):
   return _conv_valid(xp, kernel) + bias
 
 
-def reflect_conv3x3(x, kernel, bias):
+def _take(x, idx, axis):
+  """``x`` gathered at the in-bounds indices ``idx`` along ``axis`` (no bounds checks)."""
+  offsets = tuple(d for d in range(x.ndim) if d != axis)
+  dims = jax.lax.GatherDimensionNumbers(offset_dims=offsets, collapsed_slice_dims=(axis,),
+                                        start_index_map=(axis,))
+  sizes = tuple(1 if d == axis else n for d, n in enumerate(x.shape))
+  return jax.lax.gather(x, idx[:, None], dims, sizes,
+                        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _region_indices(n, extent):
+  """Padded axis of a canvas side ``n`` whose region ends at ``extent``: the canvas's
+  reflection indices, with position ``extent + 1`` reading row ``extent - 2``."""
+  pos = jax.lax.iota(jnp.int32, n + 2)
+  base = jnp.asarray(_reflect_indices(n), jnp.int32)
+  return jax.lax.select(pos == extent + 1, jnp.broadcast_to(extent - 2, (n + 2,)), base)
+
+
+def reflect_pad1_region(x, extent):
+  """Reflection pad by 1 of the region ``x[:, :h, :w]`` of a canvas, ``(h, w) = extent``.
+
+  ``extent`` is a traced (2,) int32, so one program serves every region of a
+  canvas shape. The region sits at the canvas's top-left corner: its top and
+  left pads are those of the canvas; the row below it (padded row h + 1) reads
+  its row h - 2 and the column right of it its column w - 2, its reflections.
+  Pixels beyond are whatever the canvas holds: the 3x3 VALID convolution that
+  follows computes the region from the region alone. Two gathers, as the
+  static pad (plain comparisons and bound-free gathers: selects and clamps
+  would add to the compile time of every convolution). Needs h, w >= 2.
+  """
+  hc, wc = x.shape[1:3]
+  x = _take(x, _region_indices(hc, extent[0]), 1)
+  return _take(x, _region_indices(wc, extent[1]), 2)
+
+
+def reflect_conv3x3(x, kernel, bias, extent=None):
   """3x3 convolution of ``x`` (NHWC) after a reflection pad of one pixel.
 
   Args:
     x: input, (N, H, W, Cin).
     kernel: (3, 3, Cin, Cout) HWIO.
     bias: (Cout,).
+    extent: optional traced (2,) int32 ``(h, w)``: ``x`` is a canvas whose
+      region ``[:h, :w]`` is the map, padded at the region's own edge
+      (:func:`reflect_pad1_region`); outside the region the output is
+      unspecified.
 
   Returns:
-    (N, H, W, Cout), equal to ``conv_valid(reflect_pad(x, 1)) + bias``.
+    (N, H, W, Cout), equal to ``conv_valid(reflect_pad(x, 1)) + bias`` (on the
+    region, with ``extent``).
   """
   h, w, cin = x.shape[1:]
   if cin < _MIN_CIN:
@@ -62,6 +102,8 @@ def reflect_conv3x3(x, kernel, bias):
     # with 8 (3->24 at 2048^2: 1.5 s vs 0.3 s): zero channels are cheaper.
     x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, _MIN_CIN - cin)))
     kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, _MIN_CIN - cin), (0, 0)))
+  if extent is not None:
+    return _conv_valid(reflect_pad1_region(x, extent), kernel) + bias
   if h < 3 or w < 3 or h * w < FIX_MIN_PIXELS:
     return reflect_conv3x3_naive(x, kernel, bias)
   y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DN)
@@ -102,7 +144,7 @@ class ReflectConv3x3(nn.Module):
   relu: bool = True
 
   @nn.compact
-  def __call__(self, x, input_affine=None):
+  def __call__(self, x, input_affine=None, extent=None):
     cin = x.shape[-1] if input_affine is None else input_affine[0].shape[0]
     # PyTorch's default init, as the official models were trained from.
     kernel = self.param("kernel", pytorch_kernel_init, (3, 3, cin, self.features))
@@ -111,7 +153,7 @@ class ReflectConv3x3(nn.Module):
       a, c = input_affine
       bias = bias + jnp.einsum("j,hwjo->o", c, kernel)
       kernel = jnp.einsum("ij,hwjo->hwio", a, kernel)
-    y = reflect_conv3x3(x, kernel, bias)
+    y = reflect_conv3x3(x, kernel, bias, extent)
     return nn.relu(y) if self.relu else y
 
 

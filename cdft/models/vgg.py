@@ -10,6 +10,7 @@ transpose. Layout NHWC; inputs are RGB in [0, 1] (``conv0`` maps them to Caffe B
 from typing import Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from cdft.models import layers
 
@@ -71,12 +72,16 @@ class Encoder(nn.Module):
   fold_conv0: bool = True
 
   @nn.compact
-  def __call__(self, x, return_all=False):
+  def __call__(self, x, return_all=False, extent=None):
     """Encodes RGB images in [0, 1].
 
     Args:
       x: (N, H, W, 3).
       return_all: also return relu1_1 .. relu{k-1}_1.
+      extent: optional traced (2,) int32 ``(h, w)``: ``x`` is a canvas holding
+        the image in ``[:h, :w]`` (sides multiples of 2^(k-1)); the features
+        are then exact on the region ``[:h // 2^(b-1), :w // 2^(b-1)]`` of
+        block b (floor pooling), and unspecified outside it.
 
     Returns:
       relu{k}_1, or the tuple (relu1_1, ..., relu{k}_1) if ``return_all``.
@@ -92,9 +97,11 @@ class Encoder(nn.Module):
     for block in range(1, self.stage + 1):
       if block > 1:
         x = layers.max_pool2x2(x)
+        extent = None if extent is None else jnp.right_shift(extent, 1)
       depth = 1 if block == self.stage else BLOCK_DEPTHS[block - 1]
       for i in range(1, depth + 1):
-        x = layers.ReflectConv3x3(self.widths[block - 1], name=f"conv{block}{i}")(x, affine)
+        x = layers.ReflectConv3x3(self.widths[block - 1], name=f"conv{block}{i}")(
+            x, affine, extent)
         affine = None
         if i == 1:
           feats.append(x)
@@ -110,7 +117,7 @@ class Decoder(nn.Module):
   widths: Sequence[int] = VGG19_WIDTHS
 
   @nn.compact
-  def __call__(self, x, input_affine=None):
+  def __call__(self, x, input_affine=None, extent=None):
     """Decodes relu{k}_1 features.
 
     Args:
@@ -118,16 +125,20 @@ class Decoder(nn.Module):
       input_affine: optional ``(A, c)``; decodes ``x @ A + c`` instead of ``x``,
         folded exactly into the first convolution (how WCT's C x C transform is
         applied without materialising the transformed features).
+      extent: optional traced (2,) int32: ``x`` is a canvas whose region
+        ``[:extent[0], :extent[1]]`` holds the features; the output is exact on
+        the region scaled by 2^(k-1) and unspecified outside it.
     """
     _check_stage(self.stage)
     out_widths = (3,) + tuple(self.widths[:4])  # conv{b}1 maps block b to block b-1
     for block in range(self.stage, 0, -1):
       if block < self.stage:
         x = layers.upsample_nearest2x(x)
+        extent = None if extent is None else jnp.left_shift(extent, 1)
       depth = 1 if block == self.stage else BLOCK_DEPTHS[block - 1]
       for i in range(depth, 0, -1):
         features = out_widths[block - 1] if i == 1 else self.widths[block - 1]
-        x = layers.ReflectConv3x3(features, name=f"conv{block}{i}")(x, input_affine)
+        x = layers.ReflectConv3x3(features, name=f"conv{block}{i}")(x, input_affine, extent)
         input_affine = None
     return x
 

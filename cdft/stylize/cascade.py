@@ -6,10 +6,14 @@ next level (as ``PytorchWCT/WCT.py`` of the official code). The style side
 (each style's statistics per level) is computed once per style and reused for
 every content (:meth:`Stylizer.style_stats`). The content side is n + 1
 programs compiled per input shape (the first encoder, then per level its
-decoder fused with the next level's encoder and content statistics) and one
-WCT-matrix program per feature width from the float64 statistics (see
-:mod:`cdft.stylize.wct`), shared by every shape; all of them are kept on disk
-(:mod:`cdft.stylize.programs`).
+decoder fused with the next level's encoder and content statistics), kept on
+disk (:mod:`cdft.stylize.programs`); between them the host turns the float64
+statistics into each level's WCT matrix (:func:`cdft.stylize.wct.host_matrix`:
+a C x C eigenproblem, milliseconds in numpy, nothing to compile).
+
+Images of up to :data:`BUCKET_MAX_PIXELS` run inside the canvas of a small
+ladder of shapes (:func:`bucket_shape`), their region kept exact at every
+layer, so a few compiled cascades serve every such size.
 
 Size bookkeeping follows the official code: floor max-pooling and x2 upsampling
 shrink a side that is not a multiple of 2^(k-1) at level k (3000 -> 2992 at
@@ -40,37 +44,77 @@ class LevelModel:
   decoder_params: dict
 
 
-def _encode_fn(encoder, stats_dtype):
-  """Encode + content statistics: image -> (features, (mean, cov, count))."""
+# Images run inside a canvas from this ladder of sides (multiples of 16, steps
+# of at most 1.5x) when the canvas has at most BUCKET_MAX_PIXELS: a handful of
+# compiled cascades then serve every size, with the image's region kept exact
+# (see bucket_shape). Larger images, where the compute dwarfs a compile, run
+# at their own shape.
+BUCKET_SIDES = (64, 96, 128, 192, 256, 320, 384, 512, 640, 768, 1024, 1280, 1536, 2048)
+BUCKET_MAX_PIXELS = 1024 * 1024
 
-  def encode(enc_params, img):
-    cf = encoder.apply(enc_params, img)
-    return cf, tuple(wct.feature_stats(wct.flatten(cf), stats_dtype))
+
+def bucket_shape(shape, levels=DEFAULT_LEVELS):
+  """The (1, H, W, 3) canvas an image of ``shape`` runs in, or None (its own shape).
+
+  The image fills the canvas's top-left region; every layer keeps the region
+  exact (the reflection border is taken at the region's edge, the WCT
+  statistics count the region only, the pooled and upsampled extents are
+  tracked), so the result equals the cascade at the image's own shape. A
+  region needs at least 2 pixels per side at the deepest level.
+  """
+  n, h, w, c = shape
+  if min(h, w) < 2 ** max(levels) or h > BUCKET_SIDES[-1] or w > BUCKET_SIDES[-1]:
+    return None
+  hc = next(s for s in BUCKET_SIDES if s >= h)
+  wc = next(s for s in BUCKET_SIDES if s >= w)
+  return (n, hc, wc, c) if hc * wc <= BUCKET_MAX_PIXELS else None
+
+
+def _shift(extent, k):
+  """``extent // 2^(k-1)`` for a non-negative traced int32 extent (a shift: no floor-division sign logic)."""
+  return jnp.right_shift(extent, k - 1)
+
+
+def _region_mask(shape, extent):
+  """(H * W,) bool: the positions of an (N=1, H, W, C) canvas inside ``extent``."""
+  rows = jax.lax.iota(jnp.int32, shape[1]) < extent[0]
+  cols = jax.lax.iota(jnp.int32, shape[2]) < extent[1]
+  return (rows[:, None] & cols[None, :]).reshape(-1)
+
+
+def _encode_fn(encoder, stats_dtype):
+  """Encode + content statistics: image -> (features, (mean, cov, count)).
+
+  With ``extent`` (the image's (h, w) in a canvas) the features and the
+  statistics are those of the region.
+  """
+
+  def encode(enc_params, img, extent=None):
+    cf = encoder.apply(enc_params, img, extent=extent)
+    mask = None if extent is None else _region_mask(cf.shape, _shift(extent, encoder.stage))
+    return cf, tuple(wct.feature_stats(wct.flatten(cf), stats_dtype, mask=mask))
 
   return encode
-
-
-def _matrix(content_stats, style_stats, style_weights, alpha):
-  """The WCT matrix of a level from content and style statistics (shape-independent)."""
-  targets = [(style_weights[i], wct.Stats(*s)) for i, s in enumerate(style_stats)]
-  return wct.wct_matrix(wct.Stats(*content_stats), targets, alpha)
 
 
 def _link_fn(decoder, encoder, stats_dtype):
   """Decode a level, then (unless ``encoder`` is None) encode its output for the next level.
 
   One program where the cascade goes from one level to the next, so a
-  cascade of n levels is n + 1 programs per image shape (and one WCT-matrix
-  program per feature width, shared by every shape).
+  cascade of n levels is n + 1 programs per image shape (or bucket).
   """
   encode = None if encoder is None else _encode_fn(encoder, stats_dtype)
 
-  def link(dec_params, cf, m, b, enc_params):
+  def link(dec_params, cf, m, b, enc_params, extent=None):
     # WCT is the affine map f @ M.T + b: folded into the decoder's first conv.
-    img = decoder.apply(dec_params, cf, input_affine=wct.as_affine(m, b, cf.dtype))
+    # ``extent``: the region of the level's input image in a canvas (or None).
+    k = decoder.stage
+    feat = None if extent is None else _shift(extent, k)
+    img = decoder.apply(dec_params, cf, input_affine=wct.as_affine(m, b, cf.dtype), extent=feat)
     if encode is None:
       return img
-    return (img,) + encode(enc_params, img)
+    out = None if extent is None else jnp.left_shift(feat, k - 1)
+    return (img,) + encode(enc_params, img, out)
 
   return link
 
@@ -107,14 +151,15 @@ class StyleStats:
 class Stylizer:
   """Universal style transfer with a set of per-level encoder/decoder pairs.
 
-  A cascade of n levels runs as n + 1 programs compiled per image shape (the
-  first encoder, then one program per level that decodes it and encodes the
-  result for the next level, :func:`_link_fn`) and one WCT-matrix program per
-  feature width shared by every shape, launched by the host one after the
-  other without waiting: the host reports each level as its output is ready,
-  and no program holds a host callback, so all of them are kept in the
-  persistent compile cache (:mod:`cdft.stylize.programs`). The programs of a new image shape compile
-  concurrently on a thread pool, later levels while earlier ones run.
+  A cascade of n levels runs as n + 1 programs compiled per image shape, or
+  per bucket of shapes (:func:`bucket_shape`): the first encoder, then one
+  program per level that decodes it and encodes the result for the next level
+  (:func:`_link_fn`). Between two programs the host computes the level's WCT
+  matrix from the content statistics (numpy) and reports each level as its
+  output is ready; no program holds a host callback, so all of them are kept
+  in the persistent compile cache (:mod:`cdft.stylize.programs`). The programs
+  of a new shape compile concurrently on a thread pool, later levels while
+  earlier ones run.
 
   Args:
     levels: level number -> :class:`LevelModel`.
@@ -246,20 +291,14 @@ class Stylizer:
     return (jax.ShapeDtypeStruct((c,), sdt), jax.ShapeDtypeStruct((c, c), sdt),
             jax.ShapeDtypeStruct((), sdt))
 
-  def _encode_program(self, k, shape):
+  def _encode_program(self, k, shape, canvas):
     m = self.levels[k]
     return programs.compile_async(f"cascade.encode{k}", _encode_fn(m.encoder, self.stats_dtype),
-                                  (m.encoder_params, jax.ShapeDtypeStruct(shape, jnp.float32)),
+                                  (m.encoder_params, jax.ShapeDtypeStruct(shape, jnp.float32),
+                                   _EXTENT if canvas else None),
                                   self._static(k))
 
-  def _matrix_program(self, k, num_styles):
-    stats = self._stats_spec(k)
-    return programs.compile_async(
-        "cascade.matrix", _matrix,  # one program for the levels of one width
-        (stats, (stats,) * num_styles, jax.ShapeDtypeStruct((num_styles,), jnp.float32),
-         jax.ShapeDtypeStruct((), jnp.float32)), (str(self.stats_dtype),))
-
-  def _link_program(self, k, nxt, shape):
+  def _link_program(self, k, nxt, shape, canvas):
     """Decode level k (input ``shape``), then encode for level ``nxt`` (None: the last)."""
     dec = self.levels[k]
     enc = None if nxt is None else self.levels[nxt]
@@ -268,18 +307,27 @@ class Stylizer:
         f"cascade.link{k}to{nxt}",
         _link_fn(dec.decoder, None if enc is None else enc.encoder, self.stats_dtype),
         (dec.decoder_params, self._feature_spec(k, shape), cov, mean,
-         None if enc is None else enc.encoder_params),
+         None if enc is None else enc.encoder_params, _EXTENT if canvas else None),
         (self._static(k), None if nxt is None else self._static(nxt)))
 
-  def _plan(self, shape, levels, num_styles):
-    """Futures of a cascade's programs: the first encode, then (matrix, link) per level."""
+  def _plan(self, shape, levels, canvas=False):
+    """Futures of a cascade's programs: the first encode, then one link per level.
+
+    With ``canvas``, ``shape`` is a canvas (:func:`bucket_shape`) and every
+    program takes the region of its level's input as a last argument.
+    """
     steps = []
-    first = self._encode_program(levels[0], shape)
+    first = self._encode_program(levels[0], shape, canvas)
     for i, k in enumerate(levels):
       nxt = levels[i + 1] if i + 1 < len(levels) else None
-      steps.append((k, self._matrix_program(k, num_styles), self._link_program(k, nxt, shape)))
+      steps.append((k, self._link_program(k, nxt, shape, canvas)))
       shape = level_output_shape(k, shape)
     return first, steps
+
+  def _matrix(self, k, content_stats, style, alpha):
+    """Level k's WCT map (M, b), on the host: a C x C eigenproblem, nothing to compile."""
+    targets = list(zip(style.weights, style.stats[k]))
+    return wct.host_matrix(content_stats, targets, alpha, self.stats_dtype)
 
   def _style(self, styles, levels, style_weights):
     if isinstance(styles, StyleStats):
@@ -306,17 +354,19 @@ class Stylizer:
     self._check(content, (), None, (k,))
     style = self._style(styles, (k,), style_weights)
     with wct.x64_scope(self.stats_dtype):
-      first, [(_, matrix, link)] = self._plan(content.shape, (k,), len(style.weights))
+      first, [(_, link)] = self._plan(content.shape, (k,))
       m = self.levels[k]
-      cf, cstats = first.result()(m.encoder_params, content)
-      mat, off = matrix.result()(cstats, style.stats[k], style.weights, np.float32(alpha))
-      return link.result()(m.decoder_params, cf, mat, off, None)
+      cf, cstats = first.result()(m.encoder_params, content, None)
+      mat, off = self._matrix(k, cstats, style, alpha)
+      return link.result()(m.decoder_params, cf, mat, off, None, None)
 
-  def warm_up(self, shape, levels=DEFAULT_LEVELS, num_styles=1):
+  def warm_up(self, shape, levels=DEFAULT_LEVELS):
     """Starts compiling the cascade's programs for a (1, H, W, 3) content shape; returns futures."""
+    shape, levels = _landscape(tuple(shape)), tuple(levels)
+    canvas = bucket_shape(shape, levels)
     with wct.x64_scope(self.stats_dtype):
-      first, steps = self._plan(_landscape(tuple(shape)), tuple(levels), num_styles)
-    return [first] + [f for _, matrix, link in steps for f in (matrix, link)]
+      first, steps = self._plan(canvas or shape, levels, canvas is not None)
+    return [first] + [link for _, link in steps]
 
   def stylize(self, content, styles, alpha=1.0, levels=DEFAULT_LEVELS, style_weights=None,
               callback: Optional[Callable[[int, float], None]] = None):
@@ -349,22 +399,33 @@ class Stylizer:
       img = np.ascontiguousarray(np.swapaxes(np.asarray(img), 1, 2))
     params = self._transposed_params() if portrait else {
         k: (m.encoder_params, m.decoder_params) for k, m in self.levels.items()}
+    # A small image runs in the canvas of its bucket, its region kept exact.
+    canvas = bucket_shape(img.shape, levels)
+    region = tuple(img.shape)
+    if canvas is not None:
+      padded = np.zeros(canvas, np.float32)
+      padded[:, :region[1], :region[2]] = np.asarray(img)
+      img = padded
     with wct.x64_scope(self.stats_dtype):
       # Every program starts compiling now (those of a seen shape load from the cache).
-      first, steps = self._plan(img.shape, levels, len(style.weights))
-      alpha = np.float32(alpha)
+      first, steps = self._plan(img.shape, levels, canvas is not None)
       reporter = _Reporter(callback, start)
-      cf, cstats = first.result()(params[levels[0]][0], img)
-      for i, (k, matrix, link) in enumerate(steps):  # launched, not waited for
-        mat, off = matrix.result()(cstats, style.stats[k], style.weights, alpha)
+      extent = _extent(region, canvas)
+      cf, cstats = first.result()(params[levels[0]][0], img, extent)
+      for i, (k, link) in enumerate(steps):
+        mat, off = self._matrix(k, cstats, style, alpha)  # waits for the statistics
         nxt = steps[i + 1][0] if i + 1 < len(steps) else None
-        out = link.result()(params[k][1], cf, mat, off, None if nxt is None else params[nxt][0])
+        out = link.result()(params[k][1], cf, mat, off, None if nxt is None else params[nxt][0],
+                            extent)
         img, cf, cstats = (out, None, None) if nxt is None else out
+        region = level_output_shape(k, region)
+        extent = _extent(region, canvas)
         # Level k's output exists once the program that also encodes it for
         # the next level is done: its line comes that much later.
         reporter.add(k, img)
       reporter.report(wait=True)
-    out = np.asarray(img)[0]  # on the host: no eager device op (compile) per shape
+    # On the host: no eager device op (compile) per shape.
+    out = np.asarray(img)[0, :region[1], :region[2]]
     return np.ascontiguousarray(np.swapaxes(out, 0, 1)) if portrait else out
 
   def _transposed_params(self):
@@ -400,6 +461,14 @@ class _Reporter:
       if self.callback is not None:
         self.callback(k, now - self.last)
       self.last = now
+
+
+_EXTENT = jax.ShapeDtypeStruct((2,), jnp.int32)  # a region's (h, w) in a canvas
+
+
+def _extent(shape, canvas):
+  """The region (h, w) of an (N, h, w, C) image in a canvas, as the programs take it."""
+  return None if canvas is None else np.array(shape[1:3], np.int32)
 
 
 def _landscape(shape):

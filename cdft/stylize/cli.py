@@ -164,7 +164,7 @@ def run(args, out=None):
     if index < len(plan):
       size = images.probe_size(plan[index][0], args.content_size)
       if size is not None and whole_image(*size):
-        stylizer.warm_up((1,) + size + (3,), args.levels, len(plan[index][1]))
+        stylizer.warm_up((1,) + size + (3,), args.levels)
 
   for i, (content_path, style_paths, output_path) in enumerate(plan, 1):
     start = time.perf_counter()
@@ -191,7 +191,7 @@ def run(args, out=None):
                               callback=report, progress=_tile_progress(out)).to_uint8()
     else:
       content = _as_float(content)
-      stylizer.warm_up((1, h, w, 3), args.levels, len(styles))  # compiles meanwhile
+      stylizer.warm_up((1, h, w, 3), args.levels)  # compiles meanwhile
       if style_stats is None:  # once per style set, for every content
         style_stats = stylizer.style_stats(styles, args.levels, args.style_weights)
       compile_ahead(i)

@@ -679,10 +679,7 @@ class TiledStylizer:
     else:
       content_stats = self._thumbnail_stats(k, store)
     targets = [(w, self._array_stats(k, s)) for w, s in zip(weights, styles)]
-    with wct.x64_scope(self.stylizer.stats_dtype):
-      m, b = jax.device_get(wct.wct_matrix(
-          jax.tree.map(jnp.asarray, content_stats),
-          [(w, jax.tree.map(jnp.asarray, s)) for w, s in targets], alpha))
+    m, b = wct.host_matrix(content_stats, targets, alpha, self.stylizer.stats_dtype)
     m = jnp.asarray(m, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
 

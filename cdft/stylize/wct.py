@@ -160,24 +160,24 @@ def merge_stacked_stats(parts):
   return Stats(mean, m2 / (n - 1), n)
 
 
-def _masked_power(cov, power, rtol):
+def _masked_power(cov, power, rtol, xp=jnp):
   """``cov ** power`` on the live subspace; zero on dead channels and null directions."""
   c = cov.shape[0]
-  live = jnp.diagonal(cov) > 0
+  live = xp.diagonal(cov) > 0
   mask2 = live[:, None] & live[None, :]
-  cov = jnp.where(mask2, cov, 0)
+  cov = xp.where(mask2, cov, 0)
   cov = 0.5 * (cov + cov.T)
-  evals, evecs = jnp.linalg.eigh(cov)
-  top = jnp.max(evals)
+  evals, evecs = xp.linalg.eigh(cov)
+  top = xp.max(evals)
   if rtol is None:
-    rtol = c * jnp.finfo(cov.dtype).eps
+    rtol = c * xp.finfo(cov.dtype).eps
   keep = evals > rtol * top
-  scale = jnp.where(keep, jnp.where(keep, evals, 1) ** power, 0)
+  scale = xp.where(keep, xp.where(keep, evals, 1) ** power, 0)
   out = (evecs * scale[None, :]) @ evecs.T
-  return jnp.where(mask2, out, 0), jnp.sum(keep)
+  return xp.where(mask2, out, 0), xp.sum(keep)
 
 
-def wct_matrix(content, style, alpha=1.0, rtol=None):
+def wct_matrix(content, style, alpha=1.0, rtol=None, xp=jnp):
   """The affine map of WCT with alpha blending: ``out = f @ M.T + b``.
 
   ``M = alpha * C_s^{1/2} C_c^{-1/2} + (1 - alpha) I`` and
@@ -191,24 +191,47 @@ def wct_matrix(content, style, alpha=1.0, rtol=None):
       linearly with weights summing to 1).
     alpha: content/style blend, 1 = full style (as the official ``--alpha``).
     rtol: relative eigenvalue cut-off; default ``C * eps`` of the stats dtype.
+    xp: ``jax.numpy`` (jit-able; the default) or ``numpy``: the host computes
+      the C x C eigendecompositions in a few milliseconds with nothing to
+      compile, which is how the stylizers call it (:func:`host_matrix`).
 
   Returns:
     (M (C, C), b (C,)) in the statistics dtype.
   """
   dtype = content.cov.dtype
-  whiten, _ = _masked_power(content.cov, -0.5, rtol)
+  whiten, _ = _masked_power(content.cov, -0.5, rtol, xp)
   styles = [(1.0, style)] if isinstance(style, Stats) else list(style)
   total = sum(w for w, _ in styles)
-  target = jnp.zeros_like(whiten)
-  offset = jnp.zeros_like(content.mean)
+  target = xp.zeros_like(whiten)
+  offset = xp.zeros_like(content.mean)
   for weight, s in styles:
-    colour, _ = _masked_power(s.cov, 0.5, rtol)
+    colour, _ = _masked_power(s.cov, 0.5, rtol, xp)
     t = colour @ whiten
     target = target + (weight / total) * t
     offset = offset + (weight / total) * (s.mean - t @ content.mean)
   c = whiten.shape[0]
-  m = alpha * target + (1.0 - alpha) * jnp.eye(c, dtype=dtype)
+  m = alpha * target + (1.0 - alpha) * xp.eye(c, dtype=dtype)
   return m, alpha * offset
+
+
+def host_matrix(content, style, alpha=1.0, dtype=None):
+  """:func:`wct_matrix` in numpy from statistics anywhere (device or host), in ``dtype``.
+
+  Args:
+    content: ``(mean, cov, count)`` of the content.
+    style: a sequence of ``(weight, (mean, cov, count))``.
+    alpha: content/style blend.
+    dtype: of the computation (default: the content statistics' dtype).
+
+  Returns:
+    (M, b) numpy arrays in ``dtype``.
+  """
+  def stats(x):
+    return Stats(*(np.asarray(v, dtype or np.asarray(x[1]).dtype) for v in x))
+
+  content = stats(content)
+  targets = [(float(w), stats(s)) for w, s in style]
+  return wct_matrix(content, targets, float(alpha), xp=np)
 
 
 def apply_matrix(f, m, b):
