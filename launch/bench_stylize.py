@@ -43,7 +43,7 @@ def _load(path, size):
 def child(args):
   """Runs one configuration in this process and prints a JSON line."""
   from cdft.stylize import cpu_tuning
-  cpu_tuning.use_eigen_convolutions()  # as cdft-stylize
+  cpu_tuning.tune_xla_cpu()  # as cdft-stylize
   import numpy as np
   from cdft.stylize import cascade
   from cdft.weights import pretrained

@@ -42,7 +42,7 @@ def _content(args, name):
 
 def child(args):
   from cdft.stylize import cpu_tuning
-  cpu_tuning.use_eigen_convolutions()  # as cdft-stylize
+  cpu_tuning.tune_xla_cpu()  # as cdft-stylize
   from PIL import Image
   from cdft.stylize import cascade, tiled
   from cdft.weights import pretrained

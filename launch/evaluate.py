@@ -76,7 +76,7 @@ def run():
   from cdft.io import images  # pylint: disable=import-outside-toplevel
   from cdft.stylize import cpu_tuning, programs  # pylint: disable=import-outside-toplevel
 
-  cpu_tuning.use_eigen_convolutions()  # as cdft-stylize (before jax starts)
+  cpu_tuning.tune_xla_cpu()  # as cdft-stylize (before jax starts)
   programs.enable_compile_cache(_CACHE_DIR.value)
   contents = images.list_images(_CONTENT_DIR.value)[:_MAX_CONTENTS.value]
   styles = images.list_images(_STYLE_DIR.value)[:_MAX_STYLES.value]

@@ -219,19 +219,24 @@ def test_bad_levels_and_weights_are_clear_errors(stylizer):
     stylizer.stylize(img, img, style_weights=[0.5, 0.5], levels=(1,))
 
 
+_TUNED = "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_fusion_emitters=false"
+
+
 @pytest.mark.parametrize("extra,added,flags", [
-    ({}, True, "--xla_cpu_experimental_ynn_fusion_type="),
+    ({}, True, _TUNED),
     ({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, True,
-     "--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type="),
+     "--xla_force_host_platform_device_count=2 " + _TUNED),
     ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
-     False, "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"),
+     True, "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT "
+     "--xla_cpu_use_fusion_emitters=false"),
+    ({"XLA_FLAGS": _TUNED.replace("false", "true")}, False, _TUNED.replace("false", "true")),
     ({"CDFT_KEEP_XLA_FLAGS": "1"}, False, ""),
 ])
-def test_eigen_convolutions_flag(extra, added, flags):
+def test_xla_cpu_flags(extra, added, flags):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "CDFT_KEEP_XLA_FLAGS")}
   env.update(extra)
   code = ("import os; from cdft.stylize import cpu_tuning; "
-          "print(cpu_tuning.use_eigen_convolutions()); print(os.environ.get('XLA_FLAGS', ''))")
+          "print(cpu_tuning.tune_xla_cpu()); print(os.environ.get('XLA_FLAGS', ''))")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        check=True).stdout.splitlines()
   assert out == [str(added), flags]
@@ -240,5 +245,5 @@ def test_eigen_convolutions_flag(extra, added, flags):
 def test_flag_is_not_touched_once_jax_runs():
   jax.numpy.zeros(1).block_until_ready()  # the backend is up in this process
   before = os.environ.get("XLA_FLAGS")
-  assert cpu_tuning.use_eigen_convolutions() is False
+  assert cpu_tuning.tune_xla_cpu() is False
   assert os.environ.get("XLA_FLAGS") == before

@@ -237,7 +237,7 @@ def _tile_progress(out, every_s=2.0):
 
 def main(argv=None):
   args = build_parser().parse_args(argv)
-  cpu_tuning.use_eigen_convolutions()  # before jax starts its backend
+  cpu_tuning.tune_xla_cpu()  # before jax starts its backend
   try:
     run(args)
   except CdftError as e:
