@@ -119,12 +119,6 @@ def _link_fn(decoder, encoder, stats_dtype):
   return link
 
 
-def _style_fn(encoder, stats_dtype):
-  def style(enc_params, img):
-    return tuple(wct.feature_stats(wct.flatten(encoder.apply(enc_params, img)), stats_dtype))
-  return style
-
-
 def feature_channels(model, k):
   """Channels of level k's features (relu{k}_1): the width of the encoder's last conv."""
   return model.encoder_params["params"][f"conv{k}1"]["kernel"].shape[-1]
@@ -215,16 +209,18 @@ class Stylizer:
       futures = {}
       for i, s in enumerate(styles):
         stored = self._stored_style(paths[i], levels)
-        for k in levels:
-          if stored is not None:
+        if stored is not None:
+          for k in levels:
             stats[k][i] = tuple(stored[k])  # numpy: no eager device op to compile
-          else:
-            m = self.levels[k]
-            futures[k, i] = programs.compile_async(
-                f"cascade.style{k}", _style_fn(m.encoder, self.stats_dtype),
-                (m.encoder_params, s), self._static(k))
-      for (k, i), future in futures.items():
-        stats[k][i] = future.result()(self.levels[k].encoder_params, styles[i])
+          continue
+        # The content's encoder programs, in the style's bucket: one compile
+        # serves the styles of every shape of the bucket.
+        img, params, canvas, region = self._placed(s, levels)
+        for k in levels:
+          futures[k, i] = (self._encode_program(k, img.shape, canvas is not None),
+                           img, params[k][0], _extent(region, canvas))
+      for (k, i), (future, img, params, extent) in futures.items():
+        _, stats[k][i] = future.result()(params, img, extent)
       for i, path in enumerate(paths):
         if any((k, i) in futures for k in levels):
           self._store_style(path, {k: stats[k][i] for k in levels})
@@ -390,22 +386,8 @@ class Stylizer:
     self._check(img, (), None, levels)
     style = self._style(styles, levels, style_weights)
     start = time.perf_counter()
-    # A portrait image runs through the programs of its landscape shape: the
-    # cascade of the transposed image with transposed kernels is the transposed
-    # cascade (reflection pads, 2x2 pools, upsampling and the statistics are
-    # symmetric in the two axes), so both orientations share one compile.
-    portrait = _landscape(img.shape) != tuple(img.shape)
-    if portrait:
-      img = np.ascontiguousarray(np.swapaxes(np.asarray(img), 1, 2))
-    params = self._transposed_params() if portrait else {
-        k: (m.encoder_params, m.decoder_params) for k, m in self.levels.items()}
-    # A small image runs in the canvas of its bucket, its region kept exact.
-    canvas = bucket_shape(img.shape, levels)
-    region = tuple(img.shape)
-    if canvas is not None:
-      padded = np.zeros(canvas, np.float32)
-      padded[:, :region[1], :region[2]] = np.asarray(img)
-      img = padded
+    portrait = _landscape(img.shape) != tuple(img.shape)  # runs transposed (see _placed)
+    img, params, canvas, region = self._placed(img, levels)
     with wct.x64_scope(self.stats_dtype):
       # Every program starts compiling now (those of a seen shape load from the cache).
       first, steps = self._plan(img.shape, levels, canvas is not None)
@@ -427,6 +409,29 @@ class Stylizer:
     # On the host: no eager device op (compile) per shape.
     out = np.asarray(img)[0, :region[1], :region[2]]
     return np.ascontiguousarray(np.swapaxes(out, 0, 1)) if portrait else out
+
+  def _placed(self, img, levels):
+    """How an image runs: ``(input, {level: (encoder, decoder) params}, canvas, region)``.
+
+    A portrait runs through the programs of its landscape shape: the cascade
+    of the transposed image with transposed kernels is the transposed cascade
+    (reflection pads, 2x2 pools, upsampling and the statistics are symmetric
+    in the two axes), so both orientations share one compile. An image of a
+    bucket (:func:`bucket_shape`) is placed in its canvas's top-left region;
+    ``canvas`` is None otherwise. ``region`` is the (landscape) image's shape.
+    """
+    portrait = _landscape(img.shape) != tuple(img.shape)
+    if portrait:
+      img = np.ascontiguousarray(np.swapaxes(np.asarray(img), 1, 2))
+    params = self._transposed_params() if portrait else {
+        k: (m.encoder_params, m.decoder_params) for k, m in self.levels.items()}
+    canvas = bucket_shape(img.shape, levels)
+    region = tuple(img.shape)
+    if canvas is not None:
+      padded = np.zeros(canvas, np.float32)
+      padded[:, :region[1], :region[2]] = np.asarray(img)
+      img = padded
+    return img, params, canvas, region
 
   def _transposed_params(self):
     """Every level's (encoder, decoder) parameters with the kernels' two spatial axes swapped."""
