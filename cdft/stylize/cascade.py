@@ -71,7 +71,7 @@ def bucket_shape(shape, levels=DEFAULT_LEVELS):
 
 
 def _shift(extent, k):
-  """``extent // 2^(k-1)`` for a non-negative traced int32 extent (a shift: no floor-division sign logic)."""
+  """``extent // 2^(k-1)`` of a non-negative traced int32 (a shift: no division sign logic)."""
   return jnp.right_shift(extent, k - 1)
 
 
