@@ -79,17 +79,19 @@ def test_reflect_conv_matches_naive_reflection_pad(shape, fix_min_pixels, monkey
 def test_reflect_conv_in_a_canvas_reflects_at_the_region_edge():
   # The canvas form: one program for every region of a 16x16 canvas, exact on
   # the region whatever the canvas holds beyond it (here: large values).
-  k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
-  kernel = jax.random.normal(k2, (3, 3, 8, 6))
-  b = jax.random.normal(k3, (6,))
+  # numpy inputs and a numpy reference: nothing compiles per region but the one program.
+  rng = np.random.default_rng(3)
+  kernel = rng.standard_normal((3, 3, 8, 6)).astype(np.float32)
+  b = rng.standard_normal(6).astype(np.float32)
   conv = jax.jit(layers.reflect_conv3x3)
   for h, w in [(2, 2), (5, 9), (11, 16), (16, 16), (3, 15)]:
-    x = jax.random.normal(k1, (1, h, w, 8))
-    canvas = jnp.full((1, 16, 16, 8), 1e4).at[:, :h, :w].set(x)
-    got = conv(canvas, kernel, b, jnp.array([h, w], jnp.int32))[:, :h, :w]
-    xp = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
-    ref = jax.lax.conv_general_dilated(xp, kernel, (1, 1), "VALID",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+    x = rng.standard_normal((1, h, w, 8)).astype(np.float32)
+    canvas = np.full((1, 16, 16, 8), 1e4, np.float32)
+    canvas[:, :h, :w] = x
+    got = np.asarray(conv(canvas, kernel, b, np.array([h, w], np.int32)))[:, :h, :w]
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect").astype(np.float64)
+    ref = sum(np.einsum("nhwi,io->nhwo", xp[:, i:i + h, j:j + w], kernel[i, j])
+              for i in range(3) for j in range(3)) + b
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
   assert conv._cache_size() == 1  # the region is data, not a shape: one compile
 
@@ -100,21 +102,25 @@ def test_encoder_and_decoder_in_a_canvas_equal_their_own_shape(stage):
   # region is the floor-pooled (then upsampled) extent, to float rounding.
   enc = models.get_model("encoder", stage, "16x")
   dec = models.get_model("decoder", stage, "16x")
-  x = jax.random.uniform(jax.random.key(4), (1, 45, 37, 3))
-  pe = enc.init(jax.random.key(5), x)
-  feats = enc.apply(pe, x, return_all=True)
-  pd = dec.init(jax.random.key(6), feats[-1])
-  extent = jnp.array([45, 37], jnp.int32)
-  canvas = jnp.zeros((1, 64, 48, 3)).at[:, :45, :37].set(x)
+  x = np.random.default_rng(4).random((1, 45, 37, 3), dtype=np.float32)
+  # Everything jitted: eager Flax calls compile op by op.
+  pe = jax.jit(enc.init)(jax.random.key(5), x)
+  feats = jax.jit(lambda p, x: enc.apply(p, x, return_all=True))(pe, x)
+  pd = jax.jit(dec.init)(jax.random.key(6), feats[-1])
+  extent = np.array([45, 37], np.int32)
+  canvas = np.zeros((1, 64, 48, 3), np.float32)
+  canvas[:, :45, :37] = x
   got = jax.jit(lambda p, c, e: enc.apply(p, c, return_all=True, extent=e))(pe, canvas, extent)
+  got, feats = jax.device_get((got, feats))
   for b, (g, f) in enumerate(zip(got, feats)):
     np.testing.assert_allclose(g[:, :45 >> b, :37 >> b], f, rtol=1e-6, atol=1e-6)
   f = 2 ** (stage - 1)
   fh, fw = 45 // f, 37 // f
-  fcanvas = jnp.zeros(got[-1].shape).at[:, :fh, :fw].set(feats[-1])
-  out = jax.jit(lambda p, c, e: dec.apply(p, c, extent=e))(pd, fcanvas, jnp.array([fh, fw]))
-  np.testing.assert_allclose(out[:, :fh * f, :fw * f], dec.apply(pd, feats[-1]),
-                             rtol=0, atol=1e-6)
+  fcanvas = np.zeros(got[-1].shape, np.float32)
+  fcanvas[:, :fh, :fw] = feats[-1]
+  out = jax.jit(lambda p, c, e: dec.apply(p, c, extent=e))(pd, fcanvas, np.array([fh, fw], np.int32))
+  np.testing.assert_allclose(np.asarray(out)[:, :fh * f, :fw * f],
+                             jax.jit(dec.apply)(pd, feats[-1]), rtol=0, atol=1e-6)
 
 
 def test_conv0_folding_is_exact():
