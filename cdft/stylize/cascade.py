@@ -358,10 +358,10 @@ class Stylizer:
 
   def warm_up(self, shape, levels=DEFAULT_LEVELS):
     """Starts compiling the cascade's programs for a (1, H, W, 3) content shape; returns futures."""
-    shape, levels = _landscape(tuple(shape)), tuple(levels)
-    canvas = bucket_shape(shape, levels)
+    levels = tuple(levels)
+    region, canvas = _program_shape(shape, levels)
     with wct.x64_scope(self.stats_dtype):
-      first, steps = self._plan(canvas or shape, levels, canvas is not None)
+      first, steps = self._plan(canvas or region, levels, canvas is not None)
     return [first] + [link for _, link in steps]
 
   def stylize(self, content, styles, alpha=1.0, levels=DEFAULT_LEVELS, style_weights=None,
@@ -420,13 +420,12 @@ class Stylizer:
     bucket (:func:`bucket_shape`) is placed in its canvas's top-left region;
     ``canvas`` is None otherwise. ``region`` is the (landscape) image's shape.
     """
-    portrait = _landscape(img.shape) != tuple(img.shape)
+    region, canvas = _program_shape(img.shape, levels)
+    portrait = region != tuple(img.shape)
     if portrait:
       img = np.ascontiguousarray(np.swapaxes(np.asarray(img), 1, 2))
     params = self._transposed_params() if portrait else {
         k: (m.encoder_params, m.decoder_params) for k, m in self.levels.items()}
-    canvas = bucket_shape(img.shape, levels)
-    region = tuple(img.shape)
     if canvas is not None:
       padded = np.zeros(canvas, np.float32)
       padded[:, :region[1], :region[2]] = np.asarray(img)
@@ -474,6 +473,13 @@ _EXTENT = jax.ShapeDtypeStruct((2,), jnp.int32)  # a region's (h, w) in a canvas
 def _extent(shape, canvas):
   """The region (h, w) of an (N, h, w, C) image in a canvas, as the programs take it."""
   return None if canvas is None else np.array(shape[1:3], np.int32)
+
+
+def _program_shape(shape, levels):
+  """``(region, canvas)`` of an image of ``shape``: its landscape shape, and the
+  canvas of its bucket (None: it runs at that shape); see :meth:`Stylizer._placed`."""
+  region = _landscape(tuple(shape))
+  return region, bucket_shape(region, levels)
 
 
 def _landscape(shape):

@@ -221,7 +221,7 @@ def host_matrix(content, style, alpha=1.0, dtype=None):
     content: ``(mean, cov, count)`` of the content.
     style: a sequence of ``(weight, (mean, cov, count))``.
     alpha: content/style blend.
-    dtype: of the computation (default: the content statistics' dtype).
+    dtype: of the computation (default: each statistic's own dtype).
 
   Returns:
     (M, b) numpy arrays in ``dtype``.
