@@ -24,7 +24,7 @@ normalize-vgg``).
 
 Each distinct (content, style) image shape compiles the WCT cascade anew (tens of
 seconds on CPU); ``--square`` gives every input one shape, and compiled programs
-are kept in the cdft cache (``<cache>/xla``, off with CDFT_NO_COMPILE_CACHE=1).
+are kept in the cdft cache (``<cache>/xla-v2``, off with CDFT_NO_COMPILE_CACHE=1).
 """
 import sys
 

@@ -104,14 +104,10 @@ def test_style_stats_computed_once_serve_every_content(stylizer):
     stylizer.stylize(content, stylizer.style_stats(styles, (1,)), levels=(2, 1))
 
 
-# One process stylizes (with JAX's compile-cache events counted), printed as JSON.
+# One process stylizes (JAX's compile events of the stylization counted), printed as JSON.
 _CACHE_CHILD = """
 import json, sys
 from jax import monitoring
-events = {}
-monitoring.register_event_listener(lambda name, **kw: events.__setitem__(name, events.get(name, 0) + 1))
-monitoring.register_event_duration_secs_listener(
-    lambda name, secs, **kw: events.__setitem__(name, events.get(name, 0) + 1))
 from cdft.stylize import programs
 programs.enable_compile_cache(sys.argv[1])
 import jax, numpy as np
@@ -129,6 +125,11 @@ st = cascade.Stylizer(levels)
 rng = np.random.default_rng(0)
 h, w = int(sys.argv[2]), int(sys.argv[3])
 content, style = rng.random((h, w, 3), dtype=np.float32), rng.random((24, 24, 3), dtype=np.float32)
+# JAX's compile events of the stylization alone (not of the random models' init).
+events = {}
+monitoring.register_event_listener(lambda name, **kw: events.__setitem__(name, events.get(name, 0) + 1))
+monitoring.register_event_duration_secs_listener(
+    lambda name, secs, **kw: events.__setitem__(name, events.get(name, 0) + 1))
 if len(sys.argv) > 4:  # exact tiles of this size (the tiled level programs)
   from cdft.stylize import tiled
   out = tiled.TiledStylizer(st, tile=int(sys.argv[4])).stylize(content, style, levels=(2, 1))
@@ -156,8 +157,22 @@ def _assert_every_program_from_the_cache(events):
   assert events["/jax/core/compile/jaxpr_to_mlir_module_duration"] == hits
 
 
+def _assert_nothing_traced_or_compiled(events):
+  # JAX's own events: no trace, no lowering, no compile, not even a cache lookup.
+  for name in ("/jax/core/compile/jaxpr_trace_duration",
+               "/jax/core/compile/jaxpr_to_mlir_module_duration",
+               "/jax/core/compile/backend_compile_duration",
+               "/jax/compilation_cache/compile_requests_use_cache",
+               "/jax/compilation_cache/cache_misses"):
+    assert events.get(name, 0) == 0, (name, events)
+
+
+def _stored(cache, suffix):
+  return sorted(p.name for p in (cache / "programs").iterdir() if p.name.endswith(suffix))
+
+
 def test_second_process_compiles_nothing(tmp_path):
-  """The programs of a seen shape come from the persistent cache, and are not traced again."""
+  """The programs of a seen shape are loaded compiled from the store: nothing is traced or compiled."""
   cache = tmp_path / "cache"
 
   def run(h, w):
@@ -167,29 +182,40 @@ def test_second_process_compiles_nothing(tmp_path):
   ev = first["events"]
   # The encoders of levels 2 and 1 (the style's statistics, in the same 64x64
   # bucket as the content, whose first encoder is level 2's), and the
-  # decode(+encode) link of each of the 2 levels: 4 programs written (the WCT
-  # matrices are numpy on the host).
-  assert ev.get("/jax/compilation_cache/cache_misses", 0) >= 4
-  stored = sorted(p.name for p in (cache / "programs").iterdir())
-  assert len(stored) == 4 and all(n.endswith(".jaxexport") for n in stored)
+  # decode(+encode) link of each of the 2 levels: 4 programs compiled and
+  # kept, each as its trace and its executable (the WCT matrices are numpy
+  # on the host).
+  assert ev.get("/jax/compilation_cache/cache_misses", 0) == 4
+  assert ev.get("/jax/core/compile/backend_compile_duration", 0) == 4
+  traces, executables = _stored(cache, ".jaxexport"), _stored(cache, ".jaxexec")
+  assert len(traces) == 4 and len(executables) == 4
   assert len(list((cache / "styles").iterdir())) == 1  # the style's statistics, kept
   second = run(24, 32)
-  ev2 = second["events"]
-  assert ev2.get("/jax/compilation_cache/cache_misses", 0) == 0  # nothing compiled, nothing written
-  assert ev2.get("/jax/compilation_cache/cache_hits", 0) >= 3  # the style is read, not run
-  _assert_every_program_from_the_cache(ev2)
-  assert second["sum"] == first["sum"]  # the same result from the cached programs
-  assert sorted(p.name for p in (cache / "programs").iterdir()) == stored  # nothing traced anew
+  _assert_nothing_traced_or_compiled(second["events"])
+  assert second["sum"] == first["sum"]  # the same result from the stored programs
+  assert _stored(cache, "") == sorted(traces + executables)  # nothing new
   # A new shape of the same bucket (a 64x64 canvas; a portrait runs transposed)
   # compiles nothing either.
-  third = run(50, 30)["events"]
-  assert third.get("/jax/compilation_cache/cache_misses", 0) == 0
-  _assert_every_program_from_the_cache(third)
+  _assert_nothing_traced_or_compiled(run(50, 30)["events"])
   # A new bucket (64x96) compiles its shape-dependent programs only (the first
   # encoder and the 2 links): the style statistics come from the cache.
   fourth = run(24, 72)["events"]
   assert fourth.get("/jax/compilation_cache/cache_misses", 0) == 3
-  assert len(list((cache / "programs").iterdir())) == 7
+  assert fourth.get("/jax/core/compile/backend_compile_duration", 0) == 3
+  assert len(_stored(cache, ".jaxexec")) == len(_stored(cache, ".jaxexport")) == 7
+  # Without its executables (another CPU or XLA flag would miss them the same
+  # way) a process lowers the stored traces and finds them in JAX's cache:
+  # executables read back from it are not kept (they would serialize broken).
+  for name in _stored(cache, ".jaxexec"):
+    (cache / "programs" / name).unlink()
+  fifth = run(24, 32)
+  _assert_every_program_from_the_cache(fifth["events"])
+  assert len(_stored(cache, ".jaxexport")) == 7  # lowered from the stored traces
+  assert fifth["sum"] == first["sum"]
+  assert _stored(cache, ".jaxexec") == []
+  # A damaged executable is compiled again, never run.
+  (cache / "programs" / executables[0]).write_bytes(b"not an executable")
+  assert run(24, 32)["sum"] == first["sum"]
 
 
 def test_tiled_levels_are_cached_too(tmp_path):

@@ -1,4 +1,4 @@
-"""The compiled-program layer: one future per program, the export store, the memory bound."""
+"""The compiled-program layer: one future per program, the program store, the memory bound."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,23 +37,44 @@ def test_one_future_per_program_and_shape(store):
   np.testing.assert_allclose(c.result()(x, y), np.tanh(1) * 2 + 2, rtol=1e-6)
 
 
-def test_export_store_replaces_tracing_and_recovers_from_damage(store, monkeypatch):
+def test_store_replaces_tracing_and_compiling_and_recovers_from_damage(store, monkeypatch):
   traces = []
   fn = _counting(traces)
   x, y = np.full((2, 3), 0.5, np.float32), np.arange(4, dtype=np.float32)
   want = np.tanh(0.5) * 2 + 6
+
+  def run():  # as a new process: a fresh program table and function object
+    monkeypatch.setattr(programs, "_PROGRAMS", {})
+    return programs.compile_async("t.store", _counting(traces), (x, y)).result()(x, y)
+
   np.testing.assert_allclose(programs.compile_async("t.store", fn, (x, y)).result()(x, y), want, rtol=1e-6)
-  files = list(store.iterdir())
-  assert len(files) == 1 and len(traces) == 1
-  # As a new process: a fresh function object (jax's own trace cache does not know it).
+  [export] = store.glob("*.jaxexport")
+  [executable] = store.glob("*.jaxexec")
+  assert len(traces) == 1
+  np.testing.assert_allclose(run(), want, rtol=1e-6)
+  assert len(traces) == 1  # loaded compiled: not traced
+  export.write_bytes(b"not an exported program")
+  np.testing.assert_allclose(run(), want, rtol=1e-6)
+  assert len(traces) == 1  # the executable does not need the trace
+  executable.write_bytes(b"not an executable")
+  np.testing.assert_allclose(run(), want, rtol=1e-6)
+  assert len(traces) == 2  # both damaged: traced and compiled again, both rewritten
+  assert export.stat().st_size > 100 and executable.stat().st_size > 100
+  np.testing.assert_allclose(run(), want, rtol=1e-6)
+  assert len(traces) == 2
+
+
+def test_executables_are_keyed_by_the_machine(store, monkeypatch):
+  traces = []
+  x = np.ones((3,), np.float32)
+  programs.compile_async("t.machine", _counting(traces), (x, x)).result()
   monkeypatch.setattr(programs, "_PROGRAMS", {})
-  fn = _counting(traces)
-  np.testing.assert_allclose(programs.compile_async("t.store", fn, (x, y)).result()(x, y), want, rtol=1e-6)
-  assert len(traces) == 1  # read from the store, not traced
-  files[0].write_bytes(b"not an exported program")
-  monkeypatch.setattr(programs, "_PROGRAMS", {})
-  np.testing.assert_allclose(programs.compile_async("t.store", fn, (x, y)).result()(x, y), want, rtol=1e-6)
-  assert len(traces) == 2 and files[0].stat().st_size > 100  # traced again, entry rewritten
+  monkeypatch.setitem(programs._STATE, "machine", "another CPU or XLA flag")
+  np.testing.assert_allclose(
+      programs.compile_async("t.machine", _counting(traces), (x, x)).result()(x, x),
+      np.tanh(1) * 2 + 3, rtol=1e-6)
+  assert len(traces) == 1  # lowered from the stored trace, compiled for this "machine"
+  assert len(list(store.glob("*.jaxexec"))) == 2 and len(list(store.glob("*.jaxexport"))) == 1
 
 
 def test_programs_in_memory_are_bounded(store, monkeypatch):
