@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cdft import losses
 from cdft import models
 from cdft.errors import CdftError, WeightError
 from cdft.models import factor_transfer as ftm
@@ -67,7 +68,7 @@ def test_translator_ft_loss_and_gradients(golden):
   factor_t = jnp.asarray(golden("paraphraser_factor.npy"))
 
   def loss(v, ft_):
-    return 500 * ftm.ft_loss(module.apply(v, x), ft_)
+    return 500 * losses.ft_loss(module.apply(v, x), ft_)
 
   value, (grads, grad_t) = jax.value_and_grad(loss, argnums=(0, 1))(variables, factor_t)
   np.testing.assert_allclose(float(value), 9.47387886, rtol=1e-5)
@@ -89,9 +90,9 @@ def test_ft_loss_matches_numpy_on_nchw():
     return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
 
   want = np.mean(np.abs(normalize(s) - normalize(t)))
-  np.testing.assert_allclose(ftm.ft_loss(s, t), want, rtol=1e-6)
+  np.testing.assert_allclose(losses.ft_loss(s, t), want, rtol=1e-6)
   with pytest.raises(CdftError, match=r"ft_loss: student \(2, 3, 3, 5\) and teacher"):
-    ftm.ft_loss(s, t[..., :4])
+    losses.ft_loss(s, t[..., :4])
 
 
 def test_paraphraser_translator_any_width():
@@ -332,10 +333,10 @@ def test_kd_loss_matches_numpy():
   for temp in (1.0, 4.0):
     ls, lt = _log_softmax(s.astype(np.float64) / temp), _log_softmax(t.astype(np.float64) / temp)
     want = np.sum(np.exp(lt) * (lt - ls)) / len(s) * temp ** 2
-    np.testing.assert_allclose(ftm.kd_loss(s, t, temp), want, rtol=1e-5)
-  assert float(ftm.kd_loss(t, t)) == pytest.approx(0, abs=1e-6)
+    np.testing.assert_allclose(losses.kd_loss(s, t, temp), want, rtol=1e-5)
+  assert float(losses.kd_loss(t, t)) == pytest.approx(0, abs=1e-6)
   with pytest.raises(CdftError, match="temperature must be > 0"):
-    ftm.kd_loss(s, t, 0)
+    losses.kd_loss(s, t, 0)
 
 
 def test_fitnets_hint_matches_numpy():
@@ -346,14 +347,14 @@ def test_fitnets_hint_matches_numpy():
   v = _random_variables(reg, s)
   k, b = np.asarray(v["params"]["conv"]["kernel"]), np.asarray(v["params"]["conv"]["bias"])
   projected = np.maximum(np.einsum("nhwi,io->nhwo", s, k[0, 0]) + b, 0)
-  np.testing.assert_allclose(ftm.hint_loss(reg.apply(v, s), t), np.mean((projected - t) ** 2),
+  np.testing.assert_allclose(losses.hint_loss(reg.apply(v, s), t), np.mean((projected - t) ** 2),
                              rtol=1e-5)
   with_bn = ftm.HintRegressor(5, kernel_size=3)
   vb = _random_variables(with_bn, s, train=False)
   out, _ = with_bn.apply(vb, s, train=True, mutable=["batch_stats"])
   assert out.shape == t.shape and float(out.min()) >= 0
   with pytest.raises(CdftError, match="hint_loss: student"):
-    ftm.hint_loss(s, t)
+    losses.hint_loss(s, t)
 
 
 def test_attention_transfer_matches_numpy():
@@ -368,9 +369,9 @@ def test_attention_transfer_matches_numpy():
 
   terms = [np.mean((at(s) - at(t)) ** 2) for s, t in pairs]
   feats_s, feats_t = zip(*pairs)
-  np.testing.assert_allclose(ftm.attention_transfer_loss(feats_s, feats_t), sum(terms), rtol=1e-5)
-  np.testing.assert_allclose(ftm.attention_transfer_loss(feats_s, feats_t, reduction="mean"),
+  np.testing.assert_allclose(losses.attention_transfer_loss(feats_s, feats_t), sum(terms), rtol=1e-5)
+  np.testing.assert_allclose(losses.attention_transfer_loss(feats_s, feats_t, reduction="mean"),
                              np.mean(terms), rtol=1e-5)
-  np.testing.assert_allclose(ftm.attention_map(pairs[0][0]), at(pairs[0][0]), rtol=1e-5)
+  np.testing.assert_allclose(losses.attention_map(pairs[0][0]), at(pairs[0][0]), rtol=1e-5)
   with pytest.raises(CdftError, match="pair 0: student"):
-    ftm.attention_transfer_loss(feats_s[:1], [feats_t[1]])
+    losses.attention_transfer_loss(feats_s[:1], [feats_t[1]])

@@ -20,20 +20,21 @@ import importlib
 
 from cdft.errors import CdftError
 
-# name -> "module:Class"; modules are imported on use.
+# name -> "module:callable" (a task class, or a function building one); modules
+# are imported on use.
 _REGISTRY = {
     "cd_decoder": "cdft.tasks.style:DecoderTask",
     "cd_student": "cdft.tasks.style:StudentEncoderTask",
     "cd_small_decoder": "cdft.tasks.style:SmallDecoderTask",
-    "cd_paraphraser": "cdft.tasks.style:ParaphraserTask",
+    "cd_paraphraser": "cdft.tasks.style:paraphraser_task",
     "classifier": "cdft.tasks.classification:ClassifierTask",
-    "ft_paraphraser": "cdft.tasks.classification:ParaphraserTask",
+    "ft_paraphraser": "cdft.tasks.classification:paraphraser_task",
     "ft_student": "cdft.tasks.classification:StudentTask",
 }
 
 
 def register(name, target):
-  """Adds ``name -> 'module:Class'`` to the registry."""
+  """Adds ``name -> 'module:callable'`` to the registry."""
   _REGISTRY[name] = target
 
 

@@ -3,9 +3,10 @@
 1. :class:`ClassifierTask` (``classifier``): a teacher (or baseline) classifier,
    cross-entropy with train-mode BatchNorm (the ``batch_stats`` are the model
    state); evaluation = eval-mode accuracy and cross-entropy.
-2. :class:`ParaphraserTask` (``ft_paraphraser``): the paraphraser, trained
+2. :func:`paraphraser_task` (``ft_paraphraser``): the paraphraser, trained
    unsupervised to reconstruct the frozen teacher's FT tap (eval-mode teacher,
-   its feature a constant): L1 as the official code, or MSE (RD/KDZ/TD).
+   its feature a constant): L1 as the official code, or MSE (RD/KDZ/TD); the
+   task is :class:`cdft.tasks.paraphraser.ParaphraserTask`.
 3. :class:`StudentTask` (``ft_student``): a student trained with cross-entropy
    plus one distillation term, ``distill.method``:
 
@@ -28,8 +29,8 @@ Frozen networks are named by strings in the config: ``'random'`` (fresh
 init, for tests and benchmarks), the workdir of an earlier run, or a PyTorch
 ``.pth`` file (teacher: a classifier state dict; paraphraser: the official
 ``Paraphraser.pth`` format, or ``'released'`` for the model-zoo one).
-:func:`load_paraphraser` and :func:`reconstruction_loss` are shared with the
-Factor Transfer variant of the CD student (:mod:`cdft.tasks.style`).
+:func:`load_paraphraser` is shared with the Factor Transfer variant of the CD
+student (:mod:`cdft.tasks.style`).
 """
 import os
 import pathlib
@@ -41,10 +42,11 @@ import optax
 
 from cdft import models
 from cdft.errors import CdftError
+from cdft import losses
 from cdft.models import factor_transfer as ft
+from cdft.tasks import paraphraser
 
 METHODS = ("none", "kd", "fitnets", "at", "ft")
-RECONSTRUCTION = ("l1", "mse")
 AT_LAYERS = ("layer1", "layer2", "layer3")  # RD: feat[1:-1], the three group outputs.
 _PROBE = np.zeros((1, 32, 32, 3), np.float32)  # Parameter shapes do not depend on H x W.
 
@@ -138,24 +140,6 @@ def _check_labels(batch, num_classes, who):
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise CdftError(f"{who}: labels in [{labels.min()}, {labels.max()}] do not fit "
                     f"num_classes={num_classes} (set config.num_classes for the dataset)")
-
-
-def reconstruction_loss(rec, target, kind="l1"):
-  """Paraphraser reconstruction loss, mean over all elements.
-
-  Args:
-    rec: the paraphraser's reconstruction.
-    target: the teacher feature (treated as a constant).
-    kind: 'l1' (official ``nn.L1Loss``) or 'mse' (RD, KDZ, TD).
-  """
-  if kind not in RECONSTRUCTION:
-    raise CdftError(f"loss.reconstruction: unknown loss {kind!r}; choose from "
-                    f"{', '.join(RECONSTRUCTION)}")
-  if rec.shape != target.shape:
-    raise CdftError(f"reconstruction {tuple(rec.shape)} and target {tuple(target.shape)} "
-                    "shapes differ")
-  diff = rec.astype(jnp.float32) - jax.lax.stop_gradient(target).astype(jnp.float32)
-  return jnp.mean(jnp.abs(diff)) if kind == "l1" else jnp.mean(jnp.square(diff))
 
 
 def _workdir_params(path, role, what):
@@ -361,34 +345,19 @@ class ClassifierTask(_Task):
     return _eval_sums(logits, batch["label"], batch["mask"])
 
 
-class ParaphraserTask(_Task):
-  """Trains the paraphraser on the frozen teacher's FT tap (``ft_paraphraser``)."""
+def paraphraser_task(config):
+  """``ft_paraphraser``: the paraphraser on the frozen teacher classifier's FT tap."""
+  teacher = _Task(config)
+  teacher.teacher, teacher.frozen["teacher"] = teacher._teacher(config.teacher)
 
-  def __init__(self, config):
-    super().__init__(config)
-    self.reconstruction = config.loss.reconstruction
-    if self.reconstruction not in RECONSTRUCTION:
-      raise CdftError(f"config.loss.reconstruction: unknown loss {self.reconstruction!r}; "
-                      f"choose from {', '.join(RECONSTRUCTION)}")
-    self.teacher, self.frozen["teacher"] = self._teacher(config.teacher)
-    channels = int(self._teacher_shapes()["ft"].shape[-1])
-    ft.factor_channels(channels, float(config.paraphraser.rate))  # a usable rate
-    self.paraphraser = ft.Paraphraser(channels, float(config.paraphraser.rate))
+  def features(frozen, image):
+    return teacher._teacher_apply(frozen, image)[1]["ft"]
 
-  def init(self, rng, batch):
-    probe = np.zeros(self._teacher_shapes(batch)["ft"].shape, np.float32)
-    return {"params": {"paraphraser": self.paraphraser.init(rng, probe)["params"]},
-            "model_state": {}}
+  def probe_shape(batch):
+    return tuple(teacher._teacher_shapes(batch)["ft"].shape)
 
-  def loss(self, params, model_state, frozen, batch, rng):
-    del rng
-    _, feats = self._teacher_apply(frozen, batch["image"])
-    target = feats["ft"]
-    rec = self.paraphraser.apply({"params": params["paraphraser"]}, target)
-    loss = reconstruction_loss(rec, target, self.reconstruction)
-    diff = rec - target
-    metrics = {"l1": jnp.mean(jnp.abs(diff)), "mse": jnp.mean(jnp.square(diff))}
-    return loss, (metrics, model_state)
+  return paraphraser.ParaphraserTask(config, paraphraser.FeatureTap(
+      teacher.frozen, int(probe_shape(None)[-1]), features, probe_shape))
 
 
 class StudentTask(_Task):
@@ -467,7 +436,7 @@ class StudentTask(_Task):
       return ce, (metrics, new_state)
     t_logits, t_feats = self._teacher_apply(frozen, image)
     if self.method == "kd":
-      kd = ft.kd_loss(logits, t_logits, d.kd_temperature)
+      kd = losses.kd_loss(logits, t_logits, d.kd_temperature)
       metrics["kd"] = kd
       loss = (1.0 - d.kd_alpha) * ce + d.kd_alpha * kd
     elif self.method == "fitnets":
@@ -475,11 +444,11 @@ class StudentTask(_Task):
           {"params": params["regressor"], "batch_stats": model_state["regressor"]},
           s_feats[d.hint_layer], train=True, mutable=["batch_stats"])
       new_state["regressor"] = head["batch_stats"]
-      hint = ft.hint_loss(regressed, t_feats[d.hint_layer])
+      hint = losses.hint_loss(regressed, t_feats[d.hint_layer])
       metrics["hint"] = hint
       loss = ce + d.beta_fitnets * hint
     elif self.method == "at":
-      at = ft.attention_transfer_loss([s_feats[k] for k in AT_LAYERS],
+      at = losses.attention_transfer_loss([s_feats[k] for k in AT_LAYERS],
                                       [t_feats[k] for k in AT_LAYERS])
       metrics["at"] = at
       loss = ce + d.beta_at * at
@@ -487,7 +456,7 @@ class StudentTask(_Task):
       factor_t = jax.lax.stop_gradient(self.paraphraser.apply(
           {"params": frozen["paraphraser"]}, t_feats["ft"], method=ft.Paraphraser.encode))
       factor_s = self.head.apply({"params": params["translator"]}, s_feats["ft"])
-      ft_term = ft.ft_loss(factor_s, factor_t)
+      ft_term = losses.ft_loss(factor_s, factor_t)
       metrics["ft"] = ft_term
       loss = ce + d.beta_ft * ft_term
     return loss, (metrics, new_state)

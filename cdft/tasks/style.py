@@ -11,7 +11,7 @@
    frozen student encoder, loss (1) with the teacher VGG as perceptual network.
 
 Factor Transfer in place of the embedding loss (``distill.method =
-'factor_transfer'``): :class:`ParaphraserTask` (``cd_paraphraser``) first
+'factor_transfer'``): :func:`paraphraser_task` (``cd_paraphraser``) first
 trains a paraphraser on the frozen teacher's relu{k}_1; the student then
 matches ``β_ft·L_FT(translator(F′_k), paraphraser(F_k))`` (spec ft.md §2.2)
 while Q_k·F′_k still drives the teacher decoder (the collaborative term).
@@ -29,6 +29,7 @@ from cdft import losses
 from cdft import models
 from cdft.errors import CdftError
 from cdft.models import factor_transfer as ft_models
+from cdft.tasks import paraphraser
 
 METHODS = ("collaborative", "embedding_only", "reconstruction_only", "factor_transfer")
 
@@ -259,7 +260,7 @@ class StudentEncoderTask(_StyleTask):
       factor_t = self.paraphraser.apply({"params": frozen["paraphraser"]}, t_feats[-1],
                                         method=ft_models.Paraphraser.encode)
       factor_s = self.translator.apply({"params": params["translator"]}, s_feats[-1])
-      ft_term = ft_models.ft_loss(factor_s, jax.lax.stop_gradient(factor_t))
+      ft_term = losses.ft_loss(factor_s, jax.lax.stop_gradient(factor_t))
       metrics["ft"] = ft_term
       loss = loss + d.beta_ft * ft_term
     elif self.method != "reconstruction_only":
@@ -275,40 +276,25 @@ class StudentEncoderTask(_StyleTask):
     return loss, (metrics, model_state)
 
 
-class ParaphraserTask(_StyleTask):
-  """Pretrains the Factor Transfer paraphraser on the teacher's relu{k}_1 (``cd_paraphraser``).
+def paraphraser_task(config):
+  """``cd_paraphraser``: the Factor Transfer paraphraser on the teacher encoder's relu{k}_1.
 
-  The paraphraser reconstructs the frozen teacher encoder's last feature
-  (a constant), L1 as the official FT code or MSE (``loss.reconstruction``);
-  a ``cd_student`` run with ``distill.method = 'factor_transfer'`` reads it.
+  The paraphraser reconstructs the frozen teacher encoder's last feature (a
+  constant); a ``cd_student`` run with ``distill.method = 'factor_transfer'``
+  reads it.
   """
+  teacher = _StyleTask(config)
+  channels = teacher.teacher_encoder.widths[teacher.stage - 1]
 
-  def __init__(self, config):
-    super().__init__(config)
-    from cdft.tasks import classification  # pylint: disable=import-outside-toplevel
-    self.reconstruction_loss = classification.reconstruction_loss
-    self.kind = config.loss.reconstruction
-    if self.kind not in classification.RECONSTRUCTION:
-      raise CdftError(f"config.loss.reconstruction: unknown loss {self.kind!r}; choose from "
-                      f"{', '.join(classification.RECONSTRUCTION)}")
-    channels = self.teacher_encoder.widths[self.stage - 1]
-    ft_models.factor_channels(channels, float(config.paraphraser.rate))  # a usable rate
-    self.paraphraser = ft_models.Paraphraser(channels, float(config.paraphraser.rate))
+  def features(frozen, image):
+    return teacher._teacher_feats(frozen, image)[-1]
 
-  def init(self, rng, batch):
-    del batch
-    probe = np.zeros((1, 2, 2, self.paraphraser.in_channels), np.float32)
-    return {"params": {"paraphraser": self.paraphraser.init(rng, probe)["params"]},
-            "model_state": {}}
+  def probe_shape(batch):
+    del batch  # convolutions only: any spatial size
+    return (1, 2, 2, channels)
 
-  def loss(self, params, model_state, frozen, batch, rng):
-    del rng
-    target = jax.lax.stop_gradient(self._teacher_feats(frozen, batch["image"])[-1])
-    rec = self.paraphraser.apply({"params": params["paraphraser"]}, target)
-    loss = self.reconstruction_loss(rec, target, self.kind)
-    diff = rec - target
-    metrics = {"l1": jnp.mean(jnp.abs(diff)), "mse": jnp.mean(jnp.square(diff))}
-    return loss, (metrics, model_state)
+  return paraphraser.ParaphraserTask(config, paraphraser.FeatureTap(
+      teacher.frozen, channels, features, probe_shape))
 
 
 class SmallDecoderTask(_StyleTask):
