@@ -20,6 +20,7 @@ import pytest
 from cdft import losses
 from cdft import tasks
 from cdft import train
+from cdft import weights
 from cdft.errors import CdftError
 from cdft.tasks import classification
 from cdft.training import checkpointing
@@ -248,25 +249,30 @@ def test_reconstruction_loss_and_masked_evaluation_match_numpy():
 def test_frozen_networks_from_pytorch_files(tmp_path):
   from cdft.weights import ft as ft_weights  # pylint: disable=import-outside-toplevel
   from cdft.weights import torch_format  # pylint: disable=import-outside-toplevel
-  _, teacher = classification.load_classifier("random", "resnet20", 10, TINY, seed=5)
+  _, teacher = weights.resolve("random", "classifier", model="resnet20", num_classes=10,
+                               widths=TINY, seed=5)
   torch_format.save(ft_weights.variables_to_state(teacher), tmp_path / "teacher.pth")
-  _, loaded = classification.load_classifier(str(tmp_path / "teacher.pth"), "resnet20", 10, TINY)
+  _, loaded = weights.resolve(str(tmp_path / "teacher.pth"), "classifier", model="resnet20",
+                              num_classes=10, widths=TINY)
   assert_same_tree(loaded, teacher)
   with pytest.raises(CdftError, match=r"'bn1.bias' has shape \(4,\), the model expects \(8,\)"):
-    classification.load_classifier(str(tmp_path / "teacher.pth"), "resnet20", 10, NARROW)
-  module, para = classification.load_paraphraser("random", 16, 0.25, seed=1)
+    weights.resolve(str(tmp_path / "teacher.pth"), "classifier", model="resnet20",
+                    num_classes=10, widths=NARROW)
+  module, para = weights.resolve("random", "paraphraser", in_channels=16, rate=0.25, seed=1)
   torch_format.save({"epoch": 5, "state_dict": ft_weights.variables_to_state({"params": para})},
                     tmp_path / "Paraphraser.pth")
-  loaded_module, loaded = classification.load_paraphraser(str(tmp_path / "Paraphraser.pth"), 16)
+  loaded_module, loaded = weights.resolve(str(tmp_path / "Paraphraser.pth"), "paraphraser",
+                                           in_channels=16)
   assert loaded_module.factor_channels == module.factor_channels == 4  # its own rate
   assert_same_tree(loaded, para)
   with pytest.raises(CdftError, match="reads 16-channel features, but the teacher feature "
                      "has 64 channels"):
-    classification.load_paraphraser(str(tmp_path / "Paraphraser.pth"), 64)
+    weights.resolve(str(tmp_path / "Paraphraser.pth"), "paraphraser", in_channels=64)
 
 
 def test_released_paraphraser_as_the_frozen_one(weights_dir):
-  module, params = classification.load_paraphraser("released", 64, weights_dir=weights_dir)
+  module, params = weights.resolve("released", "paraphraser", in_channels=64,
+                                   weights_dir=weights_dir)
   assert (module.in_channels, module.factor_channels) == (64, 32)
   assert params["conv1"]["kernel"].shape == (3, 3, 64, 32)
 

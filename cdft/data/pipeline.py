@@ -39,6 +39,7 @@ import os
 
 import numpy as np
 
+from cdft import errors
 from cdft.errors import CdftError
 
 # Failures in a row for one position before the training iterator gives up.
@@ -75,17 +76,13 @@ def _check_int(name, value, low):
   return int(value)
 
 
-def _one_line(error):
-  return f"{type(error).__name__}: {' '.join(str(error).split())}"
-
-
 def _stack(examples, what):
   try:
     return {key: np.stack([np.asarray(e[key]) for e in examples]) for key in examples[0]}
   except (KeyError, ValueError) as e:
     raise CdftError(f"{what}: examples do not stack into a batch (different keys or "
                     f"shapes; a preprocessing with a fixed output size is needed): "
-                    f"{_one_line(e)}") from e
+                    f"{errors.one_line(e, with_type=True)}") from e
 
 
 class _BatchIterator:
@@ -211,7 +208,7 @@ class TrainIterator(_BatchIterator):
       except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
       except Exception as e:  # pylint: disable=broad-except
-        failures.append((index, _one_line(e)))
+        failures.append((index, errors.one_line(e, with_type=True)))
     position = epoch * self.num_examples + index_in_epoch
     bad = "; ".join(f"example {i}: {m}" for i, m in failures[:3])
     raise CdftError(f"{self._name}: none of the {MAX_ATTEMPTS} examples tried for "
@@ -274,7 +271,7 @@ class EvalIterator(_BatchIterator):
     except (KeyboardInterrupt, SystemExit, MemoryError):
       raise
     except Exception as e:  # pylint: disable=broad-except
-      return None, [(position, _one_line(e))]
+      return None, [(position, errors.one_line(e, with_type=True))]
 
   def _padding_template(self):
     """Zeros shaped like a preprocessed example (the first readable one)."""

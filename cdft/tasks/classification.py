@@ -29,8 +29,8 @@ Frozen networks are named by strings in the config: ``'random'`` (fresh
 init, for tests and benchmarks), the workdir of an earlier run, or a PyTorch
 ``.pth`` file (teacher: a classifier state dict; paraphraser: the official
 ``Paraphraser.pth`` format, or ``'released'`` for the model-zoo one).
-:func:`load_paraphraser` is shared with the Factor Transfer variant of the CD
-student (:mod:`cdft.tasks.style`).
+Every network is named by a string of the config and loaded by
+:func:`cdft.weights.resolve`.
 """
 import os
 import pathlib
@@ -44,6 +44,7 @@ from cdft import models
 from cdft.errors import CdftError
 from cdft import losses
 from cdft.models import factor_transfer as ft
+from cdft import weights
 from cdft.tasks import paraphraser
 
 METHODS = ("none", "kd", "fitnets", "at", "ft")
@@ -95,39 +96,6 @@ def input_config(dataset, split, train=True, padding_mode="constant"):
   return inp
 
 
-def build_classifier(name, num_classes, widths=()):
-  """A CIFAR classifier of :func:`cdft.models.get_classifier`.
-
-  Args:
-    name: 'resnet20', 'resnet32', 'resnet56', 'resnet110', 'wrn_16_2', 'wrn_40_1'
-      or 'wrn_40_2'.
-    num_classes: classifier outputs.
-    widths: optional ResNet stem/group widths (3 positive ints, e.g. (8, 16, 32)
-      for a narrow test network); () keeps the standard 16/32/64.
-
-  Raises:
-    CdftError: unknown name, or widths that do not fit the model.
-  """
-  widths = tuple(int(w) for w in (widths or ()))
-  kwargs = {}
-  if widths:
-    if not name.startswith("resnet"):
-      raise CdftError(f"widths {widths} only apply to the CIFAR ResNets, not {name!r}")
-    if len(widths) != 3 or min(widths) < 1:
-      raise CdftError(f"ResNet widths must be 3 positive integers (stem/groups), got {widths}")
-    kwargs["widths"] = widths
-  if int(num_classes) < 2:
-    raise CdftError(f"num_classes must be >= 2, got {num_classes}")
-  try:
-    return models.get_classifier(name, int(num_classes), **kwargs)
-  except ValueError as e:
-    raise CdftError(str(e)) from None
-
-
-def _expand(spec):
-  return pathlib.Path(os.path.expanduser(str(spec)))
-
-
 def _require_labels(batch, who):
   if "label" not in batch:
     raise CdftError(f"{who} needs labelled data: the input batches have no 'label' "
@@ -140,137 +108,6 @@ def _check_labels(batch, num_classes, who):
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise CdftError(f"{who}: labels in [{labels.min()}, {labels.max()}] do not fit "
                     f"num_classes={num_classes} (set config.num_classes for the dataset)")
-
-
-def _workdir_params(path, role, what):
-  from cdft.training import checkpointing  # pylint: disable=import-outside-toplevel
-  params, cfg = checkpointing.restore_params(path)
-  if role not in params:
-    raise CdftError(f"{path}: the run (task {cfg.get('task')!r}) has no {role!r} parameters "
-                    f"to use as {what} (it has {sorted(params)})")
-  return params[role]
-
-
-def _check_tree(loaded, expected, where, what):
-  """Raises CdftError unless ``loaded`` has ``expected``'s structure and shapes."""
-  want = jax.tree_util.tree_flatten_with_path(expected)[0]
-  got = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
-  got_paths = {jax.tree_util.keystr(p): v for p, v in got.items()}
-  for path, leaf in want:
-    key = jax.tree_util.keystr(path)
-    if key not in got_paths:
-      raise CdftError(f"{where}: {what} has no tensor {key} (another architecture?)")
-    if tuple(np.shape(got_paths[key])) != tuple(leaf.shape):
-      raise CdftError(f"{where}: {what} tensor {key} has shape {np.shape(got_paths[key])}, "
-                      f"expected {tuple(leaf.shape)} (another architecture or width?)")
-  if len(got_paths) != len(want):
-    raise CdftError(f"{where}: {what} has {len(got_paths)} tensors, expected {len(want)} "
-                    "(another architecture?)")
-
-
-def load_classifier(spec, name, num_classes, widths=(), seed=0):
-  """Variables ``{'params', 'batch_stats'}`` (host numpy) of a frozen classifier.
-
-  Args:
-    spec: ``'random'`` (fresh init from ``seed``), the workdir of a
-      ``classifier`` run (its ``classifier`` network) or of an ``ft_student`` run
-      (its ``student``), or a PyTorch state-dict file (``.pth``/``.pt``).
-    name, num_classes, widths: the architecture (see :func:`build_classifier`).
-    seed: for ``'random'``.
-
-  Returns:
-    ``(module, variables)``.
-  """
-  module = build_classifier(name, num_classes, widths)
-  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), _PROBE))
-  if spec == "random":
-    variables = jax.device_get(module.init(jax.random.key(seed), _PROBE))
-    return module, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-  path = _expand(spec)
-  if path.is_dir():
-    from cdft.training import checkpointing  # pylint: disable=import-outside-toplevel
-    variables, cfg = checkpointing.restore_variables(path)
-    role = "classifier" if "classifier" in variables["params"] else "student"
-    if role not in variables["params"]:
-      raise CdftError(f"{path}: the run (task {cfg.get('task')!r}) holds no classifier "
-                      f"(parameters {sorted(variables['params'])})")
-    saved = cfg.get("model", {}).get("name") if role == "classifier" else \
-        cfg.get("student", {}).get("model")
-    if saved and saved != name:
-      raise CdftError(f"{path}: the run trained a {saved}, but the config asks for a {name}")
-    params = variables["params"][role]
-    stats = (variables.get("model_state") or {}).get(role, {})
-  elif path.is_file() and path.suffix in (".pth", ".pt"):
-    from cdft.weights import ft as ft_weights  # pylint: disable=import-outside-toplevel
-    from cdft.weights import torch_format  # pylint: disable=import-outside-toplevel
-    state = torch_format.state_dict(torch_format.load(path), str(path))
-    converted = ft_weights.classifier_from_state(module, state, str(path))
-    params, stats = converted["params"], converted.get("batch_stats", {})
-  else:
-    raise CdftError(f"{spec}: no such training workdir or .pth file for the {name} "
-                    "(or use 'random')")
-  variables = {"params": params, "batch_stats": stats}
-  _check_tree(variables, abstract, str(spec), f"the {name}")
-  return module, jax.device_get(variables)
-
-
-def load_paraphraser(spec, in_channels, rate=0.5, seed=0, weights_dir=None):
-  """A frozen paraphraser for a feature map of ``in_channels`` channels.
-
-  Args:
-    spec: ``'random'`` (fresh init from ``seed`` with ``rate``), the workdir of
-      an ``ft_paraphraser`` / ``cd_paraphraser`` run, an official
-      ``Paraphraser.pth`` file, or ``'released'`` (the released ResNet-56 one
-      from the model zoo, ``weights_dir`` / $CDFT_WEIGHTS_DIR). The rate of a
-      loaded paraphraser is its own (read from its shapes).
-    in_channels: m, the channels of the teacher feature it reads.
-    rate: paraphrase rate k for ``'random'``.
-    seed: for ``'random'``.
-    weights_dir: model-zoo folder for ``'released'``.
-
-  Returns:
-    ``(Paraphraser module, params)`` (host numpy).
-
-  Raises:
-    CdftError: missing files/runs, or a paraphraser of another width.
-  """
-  if spec == "random":
-    module = ft.Paraphraser(int(in_channels), float(rate))
-    probe = np.zeros((1, 2, 2, int(in_channels)), np.float32)
-    return module, jax.device_get(module.init(jax.random.key(seed), probe)["params"])
-  path = _expand(spec)
-  if spec == "released" or (path.is_file() and path.suffix in (".pth", ".pt")):
-    from cdft.weights import ft as ft_weights  # pylint: disable=import-outside-toplevel
-    if spec == "released":
-      _, variables = ft_weights.load_ft_paraphraser(weights_dir=weights_dir)
-    else:  # the file's own rate, from its conv0 (m -> m) and conv1 (m -> f) weights
-      from cdft.weights import torch_format  # pylint: disable=import-outside-toplevel
-      state = torch_format.state_dict(torch_format.load(path), str(path))
-      shapes = {k: np.shape(state.get(f"{k}.weight", ())) for k in ("conv0", "conv1")}
-      if len(shapes["conv0"]) != 4 or len(shapes["conv1"]) != 4:
-        raise CdftError(f"{path}: not an official Paraphraser file (no 4-D conv0/conv1 "
-                        "weights)")
-      rate = shapes["conv1"][0] / shapes["conv0"][1]
-      _, variables = ft_weights.paraphraser_from_state(state, rate=rate, source=str(path))
-    params = variables["params"]
-  elif path.is_dir():
-    params = _workdir_params(path, "paraphraser", "the paraphraser")
-  else:
-    raise CdftError(f"{spec}: no such paraphraser workdir or .pth file (or use 'random', "
-                    "'released')")
-  try:
-    m = int(np.shape(params["conv0"]["kernel"])[2])
-    f = int(np.shape(params["conv1"]["kernel"])[3])
-  except (KeyError, TypeError, IndexError):
-    raise CdftError(f"{spec}: not paraphraser parameters (no conv0/conv1 kernels)") from None
-  if m != int(in_channels):
-    raise CdftError(f"{spec}: the paraphraser reads {m}-channel features, but the teacher "
-                    f"feature has {in_channels} channels")
-  module = ft.Paraphraser(m, f / m)
-  probe = np.zeros((1, 2, 2, m), np.float32)
-  _check_tree(params, jax.eval_shape(lambda: module.init(jax.random.key(0), probe))["params"],
-              str(spec), "the paraphraser")
-  return module, jax.device_get(params)
 
 
 def _eval_sums(logits, labels, mask):
@@ -298,9 +135,9 @@ class _Task:
     self.frozen = {}
 
   def _teacher(self, teacher_cfg):
-    module, variables = load_classifier(
-        teacher_cfg.workdir, teacher_cfg.model, self.num_classes, teacher_cfg.widths,
-        seed=self.config.seed + 201)
+    module, variables = weights.resolve(
+        teacher_cfg.workdir, "classifier", model=teacher_cfg.model, num_classes=self.num_classes,
+        widths=teacher_cfg.widths, seed=self.config.seed + 201)
     return module, variables
 
   def _teacher_shapes(self, batch=None):
@@ -321,7 +158,7 @@ class ClassifierTask(_Task):
   def __init__(self, config):
     super().__init__(config)
     m = config.model
-    self.model = build_classifier(m.name, self.num_classes, m.widths)
+    self.model = weights.classifier_module(m.name, self.num_classes, m.widths)
 
   def init(self, rng, batch):
     _check_labels(batch, self.num_classes, "task 'classifier'")
@@ -371,7 +208,7 @@ class StudentTask(_Task):
                       f"{', '.join(METHODS)}")
     self.method = d.method
     s = config.student
-    self.student = build_classifier(s.model, self.num_classes, s.widths)
+    self.student = weights.classifier_module(s.model, self.num_classes, s.widths)
     self.teacher = None
     self.head = None  # the trained translator / regressor, if any
     if self.method == "none":
@@ -382,9 +219,9 @@ class StudentTask(_Task):
     t_feats = self._teacher_shapes()
     s_feats = self._student_shapes()
     if self.method == "ft":
-      self.paraphraser, self.frozen["paraphraser"] = load_paraphraser(
-          d.paraphraser, int(t_feats["ft"].shape[-1]), d.rate, seed=config.seed + 202,
-          weights_dir=config.get("weights_dir") or None)
+      self.paraphraser, self.frozen["paraphraser"] = weights.resolve(
+          d.paraphraser, "paraphraser", in_channels=int(t_feats["ft"].shape[-1]), rate=d.rate,
+          seed=config.seed + 202, weights_dir=config.get("weights_dir") or None)
       self.head_name, self.head_input = "translator", "ft"
       self.head = ft.Translator(int(s_feats["ft"].shape[-1]), self.paraphraser.factor_channels)
     elif self.method == "fitnets":

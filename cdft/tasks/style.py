@@ -16,7 +16,7 @@ trains a paraphraser on the frozen teacher's relu{k}_1; the student then
 matches ``β_ft·L_FT(translator(F′_k), paraphraser(F_k))`` (spec ft.md §2.2)
 while Q_k·F′_k still drives the teacher decoder (the collaborative term).
 
-Weights are named by strings in the config (see :func:`load_weights`).
+Weights are named by strings in the config (see :func:`cdft.weights.resolve`).
 """
 import os
 import pathlib
@@ -29,123 +29,10 @@ from cdft import losses
 from cdft import models
 from cdft.errors import CdftError
 from cdft.models import factor_transfer as ft_models
+from cdft import weights
 from cdft.tasks import paraphraser
 
 METHODS = ("collaborative", "embedding_only", "reconstruction_only", "factor_transfer")
-
-
-def _probe(stage):
-  # The smallest input that reaches relu{stage}_1 with at least 2x2 positions.
-  side = 2 ** stage
-  return np.zeros((1, side, side, 3), np.float32)
-
-
-def _random_params(module, x, seed):
-  return jax.device_get(module.init(jax.random.key(seed), x)["params"])
-
-
-def _workdir_params(path, key, what):
-  from cdft.training import checkpointing  # pylint: disable=import-outside-toplevel
-  params, cfg = checkpointing.restore_params(path)
-  if key not in params:
-    raise CdftError(f"{path}: the run (task {cfg.get('task')!r}) has no {key!r} parameters "
-                    f"to use as {what}")
-  return params[key]
-
-
-def _unwrap(tree):
-  """Loaders return ``{'params': tree}``; tasks keep the bare tree."""
-  if isinstance(tree, dict) and set(tree) == {"params"}:
-    return tree["params"]
-  return tree
-
-
-def _expand(spec):
-  return pathlib.Path(os.path.expanduser(str(spec)))
-
-
-def load_weights(spec, kind, stage, preset, seed=0, weights_dir=None):
-  """Parameters of one network, named by a config string.
-
-  Args:
-    spec: one of
-      ``'random'`` (fresh Flax init from ``seed``),
-      a ``.msgpack`` normalized VGG-19 (``cdft-weights normalize-vgg``; encoders),
-      a ``.t7`` file of the original WCT release (``vgg_normalised_conv{k}_1.t7``
-      for encoders, ``feature_invertor_conv{k}_1.t7`` for decoders),
-      ``'cd16x'`` / ``'cd16x_base'`` (the released students / their pruned
-      initialisations, from the model zoo),
-      or the workdir of an earlier cdft training run.
-    kind: ``'encoder'``, ``'decoder'`` or ``'embedding'``.
-    stage: 1..5.
-    preset: width preset of the network ('vgg19' or '16x').
-    seed: for ``'random'``.
-    weights_dir: zoo folder for ``cd16x*`` (default $CDFT_WEIGHTS_DIR).
-
-  Returns:
-    the Flax param tree (host numpy).
-  """
-  if spec == "random":
-    if kind == "embedding":
-      enc = models.get_model("encoder", stage, preset)
-      x = _probe(stage)
-      feats = jax.eval_shape(lambda: enc.init_with_output(
-          jax.random.key(0), x, return_all=True)[0])
-      dummy = tuple(np.zeros(f.shape, np.float32) for f in feats)
-      return _random_params(models.get_model("embedding", stage, preset), dummy, seed)
-    module = models.get_model(kind, stage, preset)
-    if kind == "encoder":
-      return _random_params(module, _probe(stage), seed)
-    enc = models.get_model("encoder", stage, preset)
-    feat = jax.eval_shape(lambda: enc.init_with_output(jax.random.key(0), _probe(stage))[0])
-    return _random_params(module, np.zeros(feat.shape, np.float32), seed)
-  if spec in ("cd16x", "cd16x_base"):
-    from cdft.weights import pretrained  # pylint: disable=import-outside-toplevel
-    if preset != "16x":
-      raise CdftError(f"{spec!r} weights are 16x students, but the network has preset {preset!r}")
-    load = pretrained.load_cd16x if spec == "cd16x" else pretrained.load_cd16x_base
-    trees = load(stage, weights_dir=weights_dir)
-    if kind not in trees:
-      raise CdftError(f"{spec!r} has no {kind} weights")
-    return _unwrap(trees[kind])
-  path = _expand(spec)
-  if path.is_dir():
-    return _workdir_params(path, kind, f"the {kind}")
-  if not path.is_file():
-    raise CdftError(f"{spec}: no such weights file or training workdir (for the stage-{stage} "
-                    f"{kind}; see README 'Train')")
-  if path.suffix == ".msgpack":
-    if kind != "encoder":
-      raise CdftError(f"{path}: a normalized VGG-19 file holds encoders only, not a {kind}")
-    from cdft.weights import normalize  # pylint: disable=import-outside-toplevel
-    return _unwrap(normalize.load_encoder(path, stage))
-  if path.suffix == ".t7":
-    from cdft.weights import pretrained  # pylint: disable=import-outside-toplevel
-    if kind == "encoder":
-      return _unwrap(pretrained.load_vgg19_t7(stage, path)["encoder"])
-    if kind == "decoder":
-      # The decoder file is read against the stage's encoder shapes only.
-      return _t7_decoder(stage, path)
-  raise CdftError(f"{path}: cannot load a {kind} from a {path.suffix or 'suffix-less'} file "
-                  "(.msgpack, .t7, 'random', 'cd16x', 'cd16x_base' or a workdir)")
-
-
-def _t7_decoder(stage, path):
-  """A ``feature_invertor_conv{k}_1.t7`` decoder of the original WCT release."""
-  from cdft.weights import convert, t7  # pylint: disable=import-outside-toplevel
-  enc = models.get_model("encoder", stage, "vgg19")
-  feat = jax.eval_shape(lambda: enc.init_with_output(jax.random.key(0), _probe(stage))[0])
-  abstract = convert.abstract_params(models.get_model("decoder", stage, "vgg19"), feat)
-  return _unwrap(convert.from_sequential_convs(t7.sequential_convs(path), abstract,
-                                               models.vgg.decoder_layer_names(stage), str(path)))
-
-
-def _pruned(teacher_params, kind, stage):
-  from cdft.weights import prune  # pylint: disable=import-outside-toplevel
-  widths = models.vgg.stage_widths("16x", stage)
-  if kind == "encoder":
-    return prune.prune_encoder(teacher_params, stage, widths)
-  return prune.prune_decoder(teacher_params, stage, widths)
 
 
 def _as_device(tree):
@@ -162,8 +49,8 @@ class _StyleTask:
       raise CdftError(f"config.stage must be 1..5, got {config.stage}")
     t = config.teacher
     self.teacher_encoder = models.get_model("encoder", self.stage, t.preset)
-    self.frozen = {"teacher_encoder": load_weights(
-        t.encoder, "encoder", self.stage, t.preset, seed=config.seed + 101,
+    self.frozen = {"teacher_encoder": weights.resolve(
+        t.encoder, "encoder", stage=self.stage, preset=t.preset, seed=config.seed + 101,
         weights_dir=config.weights_dir or None)}
 
   def _teacher_feats(self, frozen, x):
@@ -186,8 +73,8 @@ class DecoderTask(_StyleTask):
     del batch
     seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
     init = self.config.init
-    params = load_weights(init, "decoder", self.stage, self.config.teacher.preset, seed=seed,
-                          weights_dir=self.config.weights_dir or None)
+    params = weights.resolve(init, "decoder", stage=self.stage, preset=self.config.teacher.preset,
+                             seed=seed, weights_dir=self.config.weights_dir or None)
     return {"params": {"decoder": params}, "model_state": {}}
 
   def loss(self, params, model_state, frozen, batch, rng):
@@ -214,15 +101,14 @@ class StudentEncoderTask(_StyleTask):
     self.embedding = models.get_model("embedding", self.stage, s.preset)
     self.teacher_decoder = models.get_model("decoder", self.stage, config.teacher.preset)
     if method != "embedding_only":
-      self.frozen["teacher_decoder"] = load_weights(
-          config.teacher.decoder, "decoder", self.stage, config.teacher.preset,
+      self.frozen["teacher_decoder"] = weights.resolve(
+          config.teacher.decoder, "decoder", stage=self.stage, preset=config.teacher.preset,
           seed=config.seed + 102, weights_dir=config.weights_dir or None)
     if method == "factor_transfer":
-      from cdft.tasks import classification  # pylint: disable=import-outside-toplevel
       d = config.distill
-      self.paraphraser, self.frozen["paraphraser"] = classification.load_paraphraser(
-          d.paraphraser, self.teacher_encoder.widths[self.stage - 1], d.rate,
-          seed=config.seed + 104, weights_dir=config.weights_dir or None)
+      self.paraphraser, self.frozen["paraphraser"] = weights.resolve(
+          d.paraphraser, "paraphraser", in_channels=self.teacher_encoder.widths[self.stage - 1],
+          rate=d.rate, seed=config.seed + 104, weights_dir=config.weights_dir or None)
       self.translator = ft_models.Translator(self.encoder.widths[self.stage - 1],
                                              self.paraphraser.factor_channels)
 
@@ -231,18 +117,17 @@ class StudentEncoderTask(_StyleTask):
     s = self.config.student
     seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
     wdir = self.config.weights_dir or None
-    if s.init == "pruned":
-      encoder = _pruned(self.frozen["teacher_encoder"], "encoder", self.stage)
-    else:
-      encoder = load_weights(s.init, "encoder", self.stage, s.preset, seed=seed,
-                             weights_dir=wdir)
+    encoder = weights.resolve(s.init, "encoder", stage=self.stage, preset=s.preset, seed=seed,
+                              teacher=self.frozen["teacher_encoder"], weights_dir=wdir)
     # The embedding heads Q_i start fresh, as in the official pruning tool
     # (the *_aux tensors of the base files are PyTorch's default init).
-    embedding = load_weights("random", "embedding", self.stage, s.preset, seed=seed + 1)
+    embedding = weights.resolve("random", "embedding", stage=self.stage, preset=s.preset,
+                                seed=seed + 1)
     params = {"encoder": encoder, "embedding": embedding}
     if self.method == "factor_transfer":
       probe = np.zeros((1, 2, 2, self.translator.in_channels), np.float32)
-      params["translator"] = _random_params(self.translator, probe, seed + 2)
+      params["translator"] = jax.device_get(
+          self.translator.init(jax.random.key(seed + 2), probe)["params"])
     return {"params": params, "model_state": {}}
 
   def loss(self, params, model_state, frozen, batch, rng):
@@ -305,22 +190,22 @@ class SmallDecoderTask(_StyleTask):
     s = config.student
     self.encoder = models.get_model("encoder", self.stage, s.preset)
     self.decoder = models.get_model("decoder", self.stage, s.preset)
-    self.frozen["student_encoder"] = load_weights(
-        s.encoder, "encoder", self.stage, s.preset, seed=config.seed + 103,
+    self.frozen["student_encoder"] = weights.resolve(
+        s.encoder, "encoder", stage=self.stage, preset=s.preset, seed=config.seed + 103,
         weights_dir=config.weights_dir or None)
 
   def init(self, rng, batch):
     del batch
     s = self.config.student
     seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
+    wdir = self.config.weights_dir or None
+    teacher = None
     if s.init == "pruned":
-      teacher_decoder = load_weights(self.config.teacher.decoder, "decoder", self.stage,
-                                     self.config.teacher.preset, seed=self.config.seed + 102,
-                                     weights_dir=self.config.weights_dir or None)
-      decoder = _pruned(teacher_decoder, "decoder", self.stage)
-    else:
-      decoder = load_weights(s.init, "decoder", self.stage, s.preset, seed=seed,
-                             weights_dir=self.config.weights_dir or None)
+      t = self.config.teacher
+      teacher = weights.resolve(t.decoder, "decoder", stage=self.stage, preset=t.preset,
+                                seed=self.config.seed + 102, weights_dir=wdir)
+    decoder = weights.resolve(s.init, "decoder", stage=self.stage, preset=s.preset, seed=seed,
+                              teacher=teacher, weights_dir=wdir)
     return {"params": {"decoder": decoder}, "model_state": {}}
 
   def loss(self, params, model_state, frozen, batch, rng):

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from cdft import errors
 from cdft.errors import WeightError
 
 try:  # Installed with jax; only needed for bfloat16 tensors.
@@ -273,11 +274,6 @@ class _Unpickler(pickle.Unpickler):
     return self._views[view_key]
 
 
-def _one_line(error: BaseException) -> str:
-  text = str(error) or type(error).__name__
-  return " ".join(text.split())
-
-
 def _unpickle(stream, path: str, storages: dict[str, _StorageRef], what: str):
   """Loads one pickle from ``stream``; any failure becomes a WeightError."""
   try:
@@ -295,7 +291,7 @@ def _unpickle(stream, path: str, storages: dict[str, _StorageRef], what: str):
       raise WeightError(
           f"{path}: truncated: the {what} pickle ends early") from None
     raise WeightError(
-        f"{path}: corrupt {what} pickle ({type(e).__name__}: {_one_line(e)})"
+        f"{path}: corrupt {what} pickle ({type(e).__name__}: {errors.one_line(e)})"
     ) from None
 
 
@@ -451,7 +447,7 @@ def _load_zip(data: bytes, path: str):
     archive = zipfile.ZipFile(io.BytesIO(data))
   except (zipfile.BadZipFile, OSError, ValueError) as e:
     raise WeightError(
-        f"{path}: truncated or corrupt zip archive ({_one_line(e)})") from None
+        f"{path}: truncated or corrupt zip archive ({errors.one_line(e)})") from None
   with archive:
     names = archive.namelist()
     pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
@@ -469,7 +465,7 @@ def _load_zip(data: bytes, path: str):
       except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise WeightError(
             f"{path}: truncated or corrupt archive record '{prefix + name}' "
-            f"({_one_line(e)})") from None
+            f"({errors.one_line(e)})") from None
 
     big_endian = False
     if prefix + "byteorder" in names:
