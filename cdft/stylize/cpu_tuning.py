@@ -42,6 +42,8 @@ def tune_xla_cpu():
   missing = [name for name in FLAGS if name not in flags]
   if not missing:
     return False
+  # jax has no public "are the backends up?" (jax.extend.backend.backends()
+  # would start them): the one private import of cdft, kept for that reason.
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
   if xla_bridge.backends_are_initialized():
     return False
