@@ -23,7 +23,8 @@ def get_config(arg=None):
   configlib.trainer_defaults(config)
   config.input = configlib.images_input("data/COCO/train2014")  # Paper: COCO train2014.
 
-  config.teacher = ml_collections.ConfigDict()  # Frozen teacher networks (see tasks.style.load_weights).
+  # Frozen teacher networks (each named as cdft.weights.resolve reads it).
+  config.teacher = ml_collections.ConfigDict()
   config.teacher.encoder = configlib.DEFAULT_TEACHER_VGG  # Frozen VGG-19: .msgpack | .t7 | 'random'.
   config.teacher.preset = "vgg19"  # Width preset of the teacher (and of this decoder).
 
