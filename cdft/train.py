@@ -185,6 +185,7 @@ def run(config, workdir, stream=None):
   train_step = jax.jit(make_train_step(task, tx, schedule, config.seed),
                        in_shardings=(state_sh, repl, sharding.batch_sharding(mesh)),
                        out_shardings=(state_sh, repl), donate_argnums=(0,))
+  params_finite = jax.jit(_all_finite, out_shardings=repl)
   eval_fn = None
   if getattr(task, "evaluate", None) and config.get("eval_every", 0):
     eval_fn = jax.jit(task.evaluate)
@@ -217,11 +218,17 @@ def run(config, workdir, stream=None):
         stopping = stop.should_stop(step, config.log_every)
         if eval_fn is not None and (step % config.eval_every == 0 or step == n_steps):
           writer.write(step, _evaluate(task, eval_fn, state, frozen, config, mesh), timing=False)
-        if step % config.checkpoint_every == 0 or step == n_steps or stopping:
+        must_save = step == n_steps or stopping  # the end, or a signal: saved whatever the interval
+        if step % config.checkpoint_every == 0 or must_save:
+          # Nothing non-finite is saved: the step's loss and gradient norm, and
+          # the parameters it produced (an update can overflow a finite gradient).
           now = jax.device_get({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]})
-          metrics_lib.check_finite(now, step, last_good)
-          checkpointing.save(manager, step, state, config_dict, force=True)
-          last_good = step
+          metrics_lib.check_finite(now, step, last_good,
+                                   params_finite=bool(params_finite(state["params"])))
+          # Interval saves are the manager's decision (its FixedIntervalPolicy);
+          # only the last and the preemption save are forced.
+          if checkpointing.save(manager, step, state, config_dict, force=must_save):
+            last_good = step
           writer.start_timer(step)  # throughput excludes checkpointing
         if stopping:
           preempted = True
@@ -244,6 +251,13 @@ def run(config, workdir, stream=None):
   return {"step": step, "params": jax.device_get(state["params"]),
           "model_state": jax.device_get(state["model_state"]), "metrics": logged,
           "preempted": preempted}
+
+
+def _all_finite(tree):
+  """Whether every floating leaf of ``tree`` is finite (one boolean, on the device)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def load_config_json(workdir):

@@ -130,6 +130,17 @@ def test_nan_guard_keeps_last_good_checkpoint(image_folder, tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
+def test_nan_guard_checks_the_parameters_too():
+  good = {"w": np.ones((2, 2), np.float32), "step": np.int32(3)}
+  assert bool(train._all_finite(good))
+  assert not bool(train._all_finite({**good, "b": np.array([1.0, np.inf], np.float32)}))
+  metrics_lib.check_finite({"loss": 1.0, "grad_norm": 2.0}, 5, 4)  # all finite: no error
+  with pytest.raises(metrics_lib.DivergenceError,
+                     match="the parameters hold nan or inf at step 5: .*last good checkpoint "
+                     "is step 4"):
+    metrics_lib.check_finite({"loss": 1.0, "grad_norm": 2.0}, 5, 4, params_finite=False)
+
+
 def test_sigterm_saves_and_exits(image_folder, tmp_path):
   config = tiny(load_config("cd_decoder", "stage=1,runlocal"), image_folder, tmp_path / "tfds",
                 steps=50)

@@ -297,7 +297,7 @@ def load_workdir_levels(workdir, levels=cascade.DEFAULT_LEVELS, weights_dir=None
   probe = jax.ShapeDtypeStruct((1, 2 ** stage, 2 ** stage, 3), np.float32)
   feature = _fits(encoder, encoder_tree, probe, f"{what} {spec!r}", workdir)
   _fits(decoder, params["decoder"], feature, "trained decoder", workdir)
-  return {stage: cascade.LevelModel(
+  return {stage: vgg.LevelModel(
       encoder=encoder, decoder=decoder,
       encoder_params=convert.to_device({"params": encoder_tree}),
       decoder_params=convert.to_device({"params": params["decoder"]}))}

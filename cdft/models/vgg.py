@@ -7,6 +7,7 @@ nearest x2 upsampling. Module and parameter names follow the official PyTorch
 state dicts (``conv0``, ``conv11``, ..., ``conv11_aux``) so porting is a rename-free
 transpose. Layout NHWC; inputs are RGB in [0, 1] (``conv0`` maps them to Caffe BGR).
 """
+import dataclasses
 from typing import Sequence
 
 import flax.linen as nn
@@ -162,3 +163,12 @@ class Embedding(nn.Module):
     return tuple(
         layers.Conv1x1(self.teacher_widths[i], self.widths[i], name=f"conv{i + 1}1_aux")(f)
         for i, f in enumerate(feats))
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelModel:
+  """The encoder/decoder pair of one WCT level (relu{k}_1) and their parameters."""
+  encoder: nn.Module
+  decoder: nn.Module
+  encoder_params: dict
+  decoder_params: dict

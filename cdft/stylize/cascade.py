@@ -24,24 +24,15 @@ import hashlib
 import time
 from typing import Callable, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cdft.io import files
+from cdft.models.vgg import LevelModel  # noqa: F401  (re-exported as cascade.LevelModel)
 from cdft.stylize import programs, wct
 
 DEFAULT_LEVELS = (5, 4, 3, 2, 1)
-
-
-@dataclasses.dataclass(frozen=True)
-class LevelModel:
-  """The encoder/decoder pair of one level and their parameters."""
-  encoder: nn.Module
-  decoder: nn.Module
-  encoder_params: dict
-  decoder_params: dict
 
 
 # Images run inside a canvas from this ladder of sides (multiples of 16, steps

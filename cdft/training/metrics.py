@@ -17,14 +17,17 @@ class DivergenceError(CdftError):
   """The loss (or another metric) became NaN or Inf."""
 
 
-def check_finite(metrics, step, last_good_step):
-  """Raises :class:`DivergenceError` naming the first non-finite metric."""
-  for name, value in metrics.items():
-    if not math.isfinite(float(value)):
-      raise DivergenceError(
-          f"{name} is {value} at step {step}: training diverged; stopped without saving. "
-          f"The last good checkpoint is step {last_good_step} (lower the learning rate or "
-          "check the data, then rerun to resume from it)")
+def check_finite(metrics, step, last_good_step, params_finite=True):
+  """Raises :class:`DivergenceError` naming the first non-finite metric (or the parameters)."""
+  bad = [f"{name} is {value}" for name, value in metrics.items()
+         if not math.isfinite(float(value))]
+  if not params_finite:
+    bad.append("the parameters hold nan or inf")
+  if bad:
+    raise DivergenceError(
+        f"{bad[0]} at step {step}: training diverged; stopped without saving. "
+        f"The last good checkpoint is step {last_good_step} (lower the learning rate or "
+        "check the data, then rerun to resume from it)")
 
 
 class MetricWriter:

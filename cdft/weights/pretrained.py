@@ -15,7 +15,6 @@ from cdft import models
 from cdft.errors import WeightError
 from cdft.io import files
 from cdft.models import vgg
-from cdft.stylize.cascade import LevelModel
 from cdft.weights import convert, torch_format, zoo
 
 # Bump when the conversion changes, so stale converted caches are not reused.
@@ -116,7 +115,7 @@ def load_vgg19_t7(stage, encoder_file, decoder_file=None):
 
 
 def _level_model(preset, stage, trees):
-  return LevelModel(
+  return vgg.LevelModel(
       encoder=models.get_model("encoder", stage, preset),
       decoder=models.get_model("decoder", stage, preset),
       encoder_params=convert.to_device(trees["encoder"]),
