@@ -64,9 +64,11 @@ def trainer_defaults(config):
   config.mesh = (("data", -1),)  # Device mesh (axis, size); -1 = all devices. Data parallel.
   config.log_every = 50  # Steps between metric lines (JSONL + console).
   config.checkpoint_every = 1000  # Steps between checkpoints (also saved at the end/on SIGTERM).
+  config.checkpoint_every_epochs = 0.0  # Epochs between checkpoints; > 0 replaces checkpoint_every.
   config.keep_checkpoints = 3  # How many of the newest checkpoints to keep ...
   config.keep_every = 0  # ... plus every checkpoint at a multiple of this step (0: none).
   config.eval_every = 0  # Steps between held-out evaluations (0: never; tasks that have one).
+  config.eval_every_epochs = 0.0  # Epochs between evaluations; > 0 replaces eval_every.
   config.eval_batch_size = 0  # Eval batch (0: batch_size).
   config.weights_dir = ""  # Model-zoo folder for 'cd16x'/'cd16x_base' ('' = $CDFT_WEIGHTS_DIR).
   return config
@@ -115,15 +117,13 @@ def ft_classifier_recipe(config, recipe="ft", runlocal=False):
   config.schedule.name = "piecewise"  # MultiStepLR, stepped per epoch ...
   config.schedule.boundaries = (82, 123)  # ... milestones [82, 123] (epochs) ...
   config.schedule.decay = 0.1  # ... gamma 0.1.
-  config.eval_every = 1950  # Test accuracy every 5 CIFAR epochs (and at the end).
-  config.checkpoint_every = 3900  # Every 10 CIFAR epochs (and at the end / on SIGTERM).
+  config.eval_every_epochs = 5.0  # Test accuracy every 5 epochs (and at the end), any batch size.
+  config.checkpoint_every_epochs = 10.0  # Every 10 epochs (and at the end / on SIGTERM).
   if recipe == "crd":
     config.batch_size = 64  # RD: batch 64 ...
     config.optimizer.learning_rate = 0.05  # ... lr 0.05 (CIFAR ResNets / WRNs) ...
     config.num_epochs = 240.0  # ... for 240 epochs ...
     config.schedule.boundaries = (150, 180, 210)  # ... x0.1 from 1-indexed epochs 151/181/211.
-    config.eval_every = 3905  # Every 5 epochs of 781 steps.
-    config.checkpoint_every = 7810  # Every 10 epochs.
   elif recipe != "ft":
     raise ValueError(f"unknown recipe {recipe!r}; choose ft or crd")
   if runlocal:
@@ -132,6 +132,7 @@ def ft_classifier_recipe(config, recipe="ft", runlocal=False):
     config.num_epochs = 6.0  # ... for 6 epochs ...
     config.schedule.name = "cosine"  # ... with a cosine decay (164 epochs' steps do not shrink).
     config.log_every = 23  # Twice an epoch.
-    config.eval_every = 92  # Every 2 epochs.
-    config.checkpoint_every = 1000  # Only at the end.
+    config.eval_every_epochs = 2.0  # Every 2 epochs.
+    config.checkpoint_every_epochs = 0.0  # checkpoint_every steps instead ...
+    config.checkpoint_every = 1000  # ... so only at the end.
   return config

@@ -153,12 +153,14 @@ def run(config, workdir, stream=None):
   repl = sharding.replicated(mesh)
   task = tasks.get_task(config)
 
-  manager = checkpointing.make_manager(workdir, config.checkpoint_every, config.keep_checkpoints,
-                                       config.keep_every)
-  start_step = manager.latest_step() or 0
+  start_step = checkpointing.latest_step(workdir) or 0
   data = make_input(config.input, global_batch_size=config.batch_size, seed=config.seed,
                     start_step=start_step)
   steps_per_epoch = max(data.steps_per_epoch, 1)
+  checkpoint_every = interval_steps(config, "checkpoint_every", steps_per_epoch)
+  eval_every = interval_steps(config, "eval_every", steps_per_epoch)
+  manager = checkpointing.make_manager(workdir, checkpoint_every, config.keep_checkpoints,
+                                       config.keep_every)
   n_steps = total_steps(config, steps_per_epoch)
   schedule = optim.make_schedule(config.schedule, config.optimizer.learning_rate,
                                  steps_per_epoch, n_steps)
@@ -187,7 +189,7 @@ def run(config, workdir, stream=None):
                        out_shardings=(state_sh, repl), donate_argnums=(0,))
   params_finite = jax.jit(_all_finite, out_shardings=repl)
   eval_fn = None
-  if getattr(task, "evaluate", None) and config.get("eval_every", 0):
+  if getattr(task, "evaluate", None) and eval_every:
     eval_fn = jax.jit(task.evaluate)
 
   writer = metrics_lib.MetricWriter(workdir, n_steps, config.batch_size, stream)
@@ -216,10 +218,10 @@ def run(config, workdir, stream=None):
         if step % config.log_every == 0 or step == n_steps:
           pending = (step, metrics)
         stopping = stop.should_stop(step, config.log_every)
-        if eval_fn is not None and (step % config.eval_every == 0 or step == n_steps):
+        if eval_fn is not None and (step % eval_every == 0 or step == n_steps):
           writer.write(step, _evaluate(task, eval_fn, state, frozen, config, mesh), timing=False)
         must_save = step == n_steps or stopping  # the end, or a signal: saved whatever the interval
-        if step % config.checkpoint_every == 0 or must_save:
+        if step % checkpoint_every == 0 or must_save:
           # Nothing non-finite is saved: the step's loss and gradient norm, and
           # the parameters it produced (an update can overflow a finite gradient).
           now = jax.device_get({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]})
@@ -251,6 +253,17 @@ def run(config, workdir, stream=None):
   return {"step": step, "params": jax.device_get(state["params"]),
           "model_state": jax.device_get(state["model_state"]), "metrics": logged,
           "preempted": preempted}
+
+
+def interval_steps(config, name, steps_per_epoch):
+  """The steps between two checkpoints or evaluations: ``config.<name>_epochs`` epochs
+  (rounded, at least 1) when it is set, else ``config.<name>`` steps (0: never)."""
+  epochs = float(config.get(f"{name}_epochs", 0.0) or 0.0)
+  if epochs < 0:
+    raise CdftError(f"config.{name}_epochs must be >= 0, got {epochs}")
+  if epochs:
+    return max(1, round(epochs * steps_per_epoch))
+  return int(config.get(name, 0) or 0)
 
 
 def _all_finite(tree):

@@ -51,7 +51,9 @@ def tiny(config, steps=2, batch=16):
   config.total_steps = steps
   config.log_every = 1
   config.checkpoint_every = 1000
+  config.checkpoint_every_epochs = 0.0
   config.eval_every = 0
+  config.eval_every_epochs = 0.0
   return config
 
 
@@ -297,7 +299,8 @@ def digits_chain(tmp_path_factory):
   """Teacher (runlocal: narrow ResNet-20, 6 epochs), its paraphraser (2 epochs) and an FT
   student (narrow ResNet-20, 2 epochs) on the real scikit-learn digits."""
   root = tmp_path_factory.mktemp("digits")
-  _cli("ft_teacher.py:model=resnet20,runlocal", root / "teacher", "--config.eval_every=1000")
+  _cli("ft_teacher.py:model=resnet20,runlocal", root / "teacher",
+       "--config.eval_every_epochs=1000")  # evaluated at the end only
   _cli("ft_paraphraser.py:teacher=resnet20,runlocal", root / "paraphraser",
        f"--config.teacher.workdir={root / 'teacher'}", "--config.num_epochs=2")
   _cli("ft_student.py:pair=resnet56_resnet20,method=ft,runlocal", root / "student",

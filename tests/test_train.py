@@ -130,6 +130,23 @@ def test_nan_guard_keeps_last_good_checkpoint(image_folder, tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
+def test_intervals_in_epochs_follow_the_batch_size():
+  config = load_config("ft_teacher", "model=resnet20")
+  assert (config.eval_every_epochs, config.checkpoint_every_epochs) == (5.0, 10.0)
+  # 50,000 CIFAR images: 391 steps an epoch at batch 128, 782 at batch 64.
+  assert train.interval_steps(config, "eval_every", 391) == 1955
+  assert train.interval_steps(config, "eval_every", 782) == 3910
+  assert train.interval_steps(config, "checkpoint_every", 782) == 7820
+  config.eval_every_epochs = 0.0  # steps again
+  config.eval_every = 7
+  assert train.interval_steps(config, "eval_every", 782) == 7
+  config.eval_every_epochs = 0.001  # never below one step
+  assert train.interval_steps(config, "eval_every", 10) == 1
+  config.eval_every_epochs = -1.0
+  with pytest.raises(train.CdftError, match="config.eval_every_epochs must be >= 0"):
+    train.interval_steps(config, "eval_every", 10)
+
+
 def test_nan_guard_checks_the_parameters_too():
   good = {"w": np.ones((2, 2), np.float32), "step": np.int32(3)}
   assert bool(train._all_finite(good))

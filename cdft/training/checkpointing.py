@@ -56,6 +56,17 @@ def make_manager(workdir, every_steps, keep_last, keep_every_steps=0, read_only=
                      "config": ocp.JsonCheckpointHandler()})
 
 
+def latest_step(workdir):
+  """The newest checkpointed step of ``workdir``, or None (no checkpoint yet)."""
+  if not (workdir_path(workdir) / SUBDIR).exists():
+    return None
+  manager = make_manager(workdir, 1, 1, read_only=True)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
 def save(manager, step, state, config_dict, force=False):
   """Saves ``state`` (and the config) at ``step``; returns whether it saved."""
   return manager.save(
