@@ -171,6 +171,10 @@ def run(config, workdir, stream=None):
   init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
   host_state = jax.device_get(task.init(init_key, first))
   params = jax.device_put(host_state["params"], repl)
+  if hasattr(task, "trainable"):  # parameters the task keeps fixed get zero updates
+    labels = task.trainable(host_state["params"])
+    if "frozen" in jax.tree.leaves(labels):
+      tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   state = {
       "step": jax.device_put(np.zeros((), np.int32), repl),
       "params": params,

@@ -43,6 +43,9 @@ def get_config(arg=None):
   # Student init: 'pruned' (L1-largest filters of the teacher, paper), 'cd16x_base'
   # (the released pruned files), 'cd16x' (the released students), 'random', a workdir.
   config.student.init = "pruned"
+  # Train the student's conv0 (the 1x1 RGB -> Caffe-BGR map) too: the official code does
+  # (its optimizer takes every encoder parameter), though it is the teacher's fixed map.
+  config.student.train_conv0 = True
 
   config.distill = ml_collections.ConfigDict()  # How the student is distilled.
   # 'collaborative' | 'embedding_only' | 'reconstruction_only' | 'factor_transfer'.

@@ -147,6 +147,22 @@ def test_intervals_in_epochs_follow_the_batch_size():
     train.interval_steps(config, "eval_every", 10)
 
 
+def test_student_conv0_is_frozen_on_request(image_folder, tmp_path):
+  from cdft import tasks  # pylint: disable=import-outside-toplevel
+  config = tiny(load_config("cd_student", "stage=1,runlocal"), image_folder, tmp_path / "tfds")
+  config.teacher.decoder = "random"
+  task = tasks.get_task(config)
+  labels = task.trainable({"encoder": {"conv0": {"kernel": 0}, "conv11": {"kernel": 0}}})
+  assert labels == {"encoder": {"conv0": {"kernel": "train"}, "conv11": {"kernel": "train"}}}
+  config.student.train_conv0 = False
+  task = tasks.get_task(config)
+  init = task.init(jax.random.fold_in(jax.random.key(config.seed), 0), None)["params"]
+  out = train.run(config, tmp_path / "run")["params"]
+  for name in ("kernel", "bias"):  # conv0 kept its pruned (teacher) values; conv11 learnt
+    np.testing.assert_array_equal(out["encoder"]["conv0"][name], init["encoder"]["conv0"][name])
+  assert not np.array_equal(out["encoder"]["conv11"]["kernel"], init["encoder"]["conv11"]["kernel"])
+
+
 def test_nan_guard_checks_the_parameters_too():
   good = {"w": np.ones((2, 2), np.float32), "step": np.int32(3)}
   assert bool(train._all_finite(good))

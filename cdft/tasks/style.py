@@ -130,6 +130,21 @@ class StudentEncoderTask(_StyleTask):
           self.translator.init(jax.random.key(seed + 2), probe)["params"])
     return {"params": params, "model_state": {}}
 
+  def trainable(self, params):
+    """``'train'`` / ``'frozen'`` per parameter, for the optimizer's mask.
+
+    With ``student.train_conv0 = False`` the student encoder's conv0 keeps its
+    initial (pruned: the teacher's) values.
+    """
+    train_conv0 = bool(self.config.student.get("train_conv0", True))
+
+    def label(path, _):
+      names = [getattr(k, "key", None) for k in path]
+      is_conv0 = names[:2] == ["encoder", "conv0"]
+      return "frozen" if is_conv0 and not train_conv0 else "train"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
   def loss(self, params, model_state, frozen, batch, rng):
     del rng
     d = self.config.distill
