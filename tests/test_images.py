@@ -433,3 +433,23 @@ def test_list_images_errors(tmp_path):
   with pytest.raises(ImageError) as excinfo:
     images.list_images(tmp_path / "notes.txt")
   _check_error(excinfo, tmp_path / "notes.txt", "not a folder")
+
+
+def test_one_decode_path_for_files_and_the_data_pipeline(images_dir, tmp_path):
+  """The CLI's load_image and the pipeline's decoding of a file's bytes give the same pixels."""
+  from cdft.data import preprocess  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(3)
+  rgb = (rng.random((20, 24, 3)) * 255).astype(np.uint8)
+  made = {"rgba.png": np.dstack([rgb, rgb[..., :1]]), "grey.png": rgb[..., 0],
+          "wide.png": (rng.random((20, 24)) * 65535).astype(np.uint16)}
+  paths = sorted((images_dir / "content").glob("*.jpg"))[:2]
+  for name, data in made.items():
+    Image.fromarray(data).save(tmp_path / name)
+    paths.append(tmp_path / name)
+  Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
+  paths.append(tmp_path / "palette.png")
+  for path in paths:
+    from_file = images.load_image(path, min_side=1)
+    from_bytes = images.as_float(preprocess.to_rgb(path.read_bytes()))
+    np.testing.assert_array_equal(from_file, from_bytes, err_msg=str(path))
+    assert from_file.dtype == np.float32 and from_file.shape[-1] == 3

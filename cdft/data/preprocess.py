@@ -1,7 +1,8 @@
 """Per-example preprocessing: pure numpy/PIL, deterministic given an rng.
 
 Every op maps an image to a float32 (H, W, 3) array. Inputs may be what the
-data sources return (uint8 RGB H x W x 3) or anything a user's data holds:
+data sources return (uint8 RGB H x W x 3) or anything a user's data holds
+(decoded and converted by :mod:`cdft.io.images`, the one decode path of cdft):
 greyscale (H x W or H x W x 1), greyscale + alpha, RGBA (composited over white),
 16-bit or float images (scaled to [0, 1]), or encoded bytes (JPEG, PNG, ...,
 decoded with PIL, EXIF orientation applied). Problems with an image raise
@@ -23,15 +24,14 @@ dict`` with key 'image' and, when the example has one, 'label' (int32).
 
 import functools
 import inspect
-import io
 
 import numpy as np
-from PIL import Image
-from PIL import ImageOps
 
-from cdft import errors
 from cdft.errors import CdftError
 from cdft.errors import ImageError
+# The one decode path (cdft.io.images); RESAMPLE and to_rgb are named here too.
+from cdft.io.images import RESAMPLE  # noqa: F401
+from cdft.io.images import as_float, resample_filter, resize, resized_size, to_rgb
 
 # Official FT code, CIFAR-10 (transforms.Normalize in train_student.py).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -44,150 +44,6 @@ CIFAR_STATS = {
     "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # Plain [0, 1] values.
 }
-
-# PIL resampling filters by name. PIL's default for Image.resize is BICUBIC
-# since Pillow 7.0; the 2019 CD training most likely ran with NEAREST, the
-# default before (cd.md section 3.3).
-RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
-
-# PIL modes converted by PIL itself to RGB, and modes with alpha to RGBA / LA.
-_PIL_TO_RGB = frozenset(("1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"))
-_PIL_ALPHA = {"La": "LA", "PA": "RGBA", "RGBa": "RGBA"}
-
-
-def decode_image(data):
-  """Decodes encoded image bytes with PIL (EXIF orientation applied).
-
-  Args:
-    data: the bytes of an image file.
-
-  Returns:
-    numpy array: uint8 (H, W[, C]) for 8-bit images, uint16/int32/float32 for
-    wider ones; channels as stored (greyscale, RGB, alpha).
-
-  Raises:
-    ImageError: not an image, or corrupt / truncated data.
-  """
-  try:
-    with Image.open(io.BytesIO(bytes(data))) as image:
-      image.load()
-      image = ImageOps.exif_transpose(image)
-      if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-      elif image.mode in _PIL_TO_RGB:
-        image = image.convert("RGB")
-      elif image.mode in _PIL_ALPHA:
-        image = image.convert(_PIL_ALPHA[image.mode])
-      return np.asarray(image)
-  except Image.UnidentifiedImageError as e:
-    raise ImageError("not an image, or a format PIL cannot read") from e
-  except Exception as e:  # pylint: disable=broad-except
-    # PIL's plugins raise many types on malformed data.
-    raise ImageError(f"corrupt or truncated image ({errors.one_line(e)})") from e
-
-
-def to_rgb(image):
-  """Any image (array or encoded bytes) as 3-channel RGB.
-
-  Args:
-    image: encoded bytes, or an array (H, W), (H, W, 1) greyscale, (H, W, 2)
-      greyscale + alpha, (H, W, 3) RGB, (H, W, 4) RGBA; uint8, uint16, other
-      integers (16-bit data if the maximum exceeds 255), bool or float
-      (values in [0, 1], or [0, 255] / [0, 65535] if the maximum says so).
-
-  Returns:
-    uint8 (H, W, 3) for 8-bit input without alpha (so that resizing happens on
-    8-bit data, as torchvision does), else float32 (H, W, 3) in [0, 1]. Alpha is
-    composited over white.
-
-  Raises:
-    ImageError: undecodable bytes, an unusable shape, an empty image, or
-      NaN / infinite values.
-  """
-  if isinstance(image, (bytes, bytearray, np.bytes_)):
-    image = decode_image(image)
-  data = np.asarray(image)
-  if data.dtype == object and data.ndim == 0:
-    return to_rgb(data.item())
-  if data.ndim == 2:
-    data = data[..., None]
-  if data.ndim != 3 or data.shape[-1] not in (1, 2, 3, 4):
-    raise ImageError(f"expected an (H, W), (H, W, 1|2|3|4) image, got shape {data.shape}")
-  if data.shape[0] == 0 or data.shape[1] == 0:
-    raise ImageError(f"empty image of shape {data.shape}")
-  if data.dtype == np.uint8 and data.shape[-1] in (1, 3):
-    return np.ascontiguousarray(np.broadcast_to(data, data.shape[:2] + (3,)))
-
-  if data.dtype == np.uint8:
-    data = data.astype(np.float32) / np.float32(255)
-  elif data.dtype == np.bool_:
-    data = data.astype(np.float32)
-  elif np.issubdtype(data.dtype, np.integer):
-    peak = int(data.max())
-    scale = 65535.0 if peak > 255 or data.dtype == np.uint16 else 255.0
-    data = np.clip(data.astype(np.float32) / np.float32(scale), 0.0, 1.0)
-  elif np.issubdtype(data.dtype, np.floating):
-    data = data.astype(np.float32)
-    if not np.all(np.isfinite(data)):
-      raise ImageError("image holds NaN or infinite values")
-    peak = float(data.max())
-    scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0
-    data = np.clip(data / np.float32(scale), 0.0, 1.0)
-  else:
-    raise ImageError(f"unsupported image dtype {data.dtype}")
-
-  if data.shape[-1] in (2, 4):
-    color, alpha = data[..., :-1], data[..., -1:]
-    data = color * alpha + (1.0 - alpha)  # Over a white background.
-  if data.shape[-1] == 1:
-    data = np.repeat(data, 3, axis=-1)
-  return np.ascontiguousarray(data, dtype=np.float32)
-
-
-def _as_float(rgb):
-  if rgb.dtype == np.uint8:
-    return rgb.astype(np.float32) / np.float32(255)
-  return rgb
-
-
-def resized_size(width, height, shorter_side):
-  """(width, height) with the shorter side ``shorter_side``, as torchvision's
-  ``Resize(int)``: the longer side scales by the same factor, truncated."""
-  if width <= height:
-    return shorter_side, max(1, int(shorter_side * height / width))
-  return max(1, int(shorter_side * width / height)), shorter_side
-
-
-def resize(rgb, size, resample="bicubic"):
-  """Resizes an RGB image from ``to_rgb`` to ``size`` = (width, height).
-
-  uint8 images are resized by PIL on 8-bit data, float images channel by
-  channel in PIL's 32-bit float mode; the dtype is kept.
-  """
-  if (rgb.shape[1], rgb.shape[0]) == tuple(size):
-    return rgb
-  method = _resample(resample)
-  if rgb.dtype == np.uint8:
-    return np.asarray(Image.fromarray(rgb, mode="RGB").resize(size, method))
-  channels = [
-      np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., c]), mode="F")
-                 .resize(size, method)) for c in range(3)
-  ]
-  return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
-
-
-def _resample(name):
-  if isinstance(name, str) and name.lower() in RESAMPLE:
-    return RESAMPLE[name.lower()]
-  raise CdftError(f"unknown resize filter {name!r}; use one of {', '.join(RESAMPLE)}")
-
 
 def _resize_for_crop(image, shorter_side, crop, resample, min_side):
   rgb = to_rgb(image)
@@ -205,7 +61,7 @@ def cd_train(image, rng, *, shorter_side=300, crop=256, flip=True, resample="bic
   """CD training crop: resize, random square crop, random horizontal flip.
 
   Args:
-    image: an image (see ``to_rgb``).
+    image: an image (see :func:`cdft.io.images.to_rgb`).
     rng: ``numpy.random.Generator``; draws crop top, crop left, then the flip.
     shorter_side: resize so the shorter side is this (paper 300); None or 0:
       keep the size (images smaller than ``crop`` are still upscaled to fit).
@@ -226,7 +82,7 @@ def cd_train(image, rng, *, shorter_side=300, crop=256, flip=True, resample="bic
   out = rgb[top:top + crop, left:left + crop]
   if flip and rng.random() < 0.5:
     out = out[:, ::-1]
-  return np.ascontiguousarray(_as_float(out))
+  return np.ascontiguousarray(as_float(out))
 
 
 def cd_eval(image, rng=None, *, shorter_side=300, crop=256, resample="bicubic",
@@ -242,7 +98,7 @@ def cd_eval(image, rng=None, *, shorter_side=300, crop=256, resample="bicubic",
   height, width = rgb.shape[:2]
   top = int(round((height - crop) / 2.0))
   left = int(round((width - crop) / 2.0))
-  return np.ascontiguousarray(_as_float(rgb[top:top + crop, left:left + crop]))
+  return np.ascontiguousarray(as_float(rgb[top:top + crop, left:left + crop]))
 
 
 def _normalizer(stats, mean, std):
@@ -260,7 +116,7 @@ def cifar_train(image, rng, *, pad=4, crop=32, flip=True, stats="cifar10", mean=
   """CIFAR training augmentation of the official FT code, then normalisation.
 
   Args:
-    image: an image (see ``to_rgb``), normally uint8 32 x 32 x 3.
+    image: an image (see :func:`cdft.io.images.to_rgb`), normally uint8 32 x 32 x 3.
     rng: ``numpy.random.Generator``; draws crop top, crop left, then the flip.
     pad: pixels of padding on every side (zeros, i.e. black, before the
       normalisation, as torchvision's ``RandomCrop(32, padding=4)``).
@@ -276,7 +132,7 @@ def cifar_train(image, rng, *, pad=4, crop=32, flip=True, stats="cifar10", mean=
     float32 (crop, crop, 3), ``(x - mean) / std`` of x in [0, 1].
   """
   mean, std = _normalizer(stats, mean, std)
-  rgb = _as_float(to_rgb(image))
+  rgb = as_float(to_rgb(image))
   if pad:
     if padding_mode not in ("constant", "reflect"):
       raise CdftError(f"padding_mode must be 'constant' or 'reflect', got {padding_mode!r}")
@@ -299,7 +155,7 @@ def cifar_eval(image, rng=None, *, stats="cifar10", mean=None, std=None, **unuse
   if bad:
     raise CdftError(f"cifar_eval got unexpected arguments: {', '.join(sorted(bad))}")
   mean, std = _normalizer(stats, mean, std)
-  rgb = _as_float(to_rgb(image))
+  rgb = as_float(to_rgb(image))
   return np.ascontiguousarray((rgb - mean) / std, dtype=np.float32)
 
 
@@ -357,6 +213,6 @@ def _validate(name, kwargs):
           or value < low):
         raise CdftError(f"{name}: {key} must be an integer >= {low}, got {value!r}")
   if "resample" in kwargs:
-    _resample(kwargs["resample"])
+    resample_filter(kwargs["resample"])
   if name.startswith("cifar"):
     _normalizer(kwargs.get("stats", "cifar10"), kwargs.get("mean"), kwargs.get("std"))

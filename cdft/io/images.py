@@ -21,6 +21,7 @@ otherwise) and checks the limit itself, from the image header, before decoding.
 ``os.replace``), so an interrupted run never leaves a half-written output.
 """
 
+import io
 import os
 import pathlib
 import warnings
@@ -30,7 +31,7 @@ from PIL import Image
 from PIL import ImageOps
 
 from cdft import errors
-from cdft.errors import ImageError
+from cdft.errors import CdftError, ImageError
 from cdft.io import files
 
 # Pixel limit (width * height) of the decompression-bomb guard when the
@@ -89,16 +90,162 @@ _SAVE_FORMATS = {
 IMAGE_EXTENSIONS = frozenset(
     (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp"))
 
-# Modes holding 8 bits per channel without alpha that PIL converts to RGB.
-_MODES_TO_RGB = frozenset(("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr",
-                           "HSV", "LAB"))
-# Modes with an alpha channel, and the mode PIL should convert them to.
-_ALPHA_MODES = {"LA": "LA", "La": "LA", "PA": "RGBA", "RGBA": "RGBA",
-                "RGBa": "RGBA"}
 # EXIF tag number of the orientation (1 = as stored, 2..8 = flip / rotate).
 _EXIF_ORIENTATION = 0x0112
-# Integer modes wider than 8 bits (one channel).
-_WIDE_INT_MODES = frozenset(("I", "I;16", "I;16B", "I;16L", "I;16N"))
+# PIL resampling filters by name. PIL's default for Image.resize is BICUBIC
+# since Pillow 7.0; the 2019 CD training most likely ran with NEAREST, the
+# default before (cd.md section 3.3).
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+# PIL modes converted by PIL itself to RGB, and modes with alpha to RGBA / LA.
+_PIL_TO_RGB = frozenset(("1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"))
+_PIL_ALPHA = {"La": "LA", "PA": "RGBA", "RGBa": "RGBA"}
+
+
+def _pil_to_array(image):
+  """A loaded PIL image as a numpy array, converted only where numpy cannot hold the mode.
+
+  Palette images become RGB (RGBA with transparency), CMYK/YCbCr/LAB/HSV/1-bit
+  RGB, premultiplied alpha straight alpha; greyscale, alpha, 16-bit and float
+  data stay as stored for :func:`to_rgb`.
+  """
+  if image.mode == "P":
+    image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+  elif image.mode in _PIL_TO_RGB:
+    image = image.convert("RGB")
+  elif image.mode in _PIL_ALPHA:
+    image = image.convert(_PIL_ALPHA[image.mode])
+  return np.asarray(image)
+
+
+def decode_image(data):
+  """Decodes encoded image bytes with PIL (EXIF orientation applied).
+
+  Args:
+    data: the bytes of an image file.
+
+  Returns:
+    numpy array: uint8 (H, W[, C]) for 8-bit images, uint16/int32/float32 for
+    wider ones; channels as stored (greyscale, RGB, alpha).
+
+  Raises:
+    ImageError: not an image, or corrupt / truncated data.
+  """
+  try:
+    with Image.open(io.BytesIO(bytes(data))) as image:
+      image.load()
+      return _pil_to_array(_apply_exif_orientation(image))
+  except Image.UnidentifiedImageError as e:
+    raise ImageError("not an image, or a format PIL cannot read") from e
+  except Exception as e:  # pylint: disable=broad-except
+    # PIL's plugins raise many types on malformed data.
+    raise ImageError(f"corrupt or truncated image ({errors.one_line(e)})") from e
+
+
+def to_rgb(image):
+  """Any image (array or encoded bytes) as 3-channel RGB.
+
+  Args:
+    image: encoded bytes, or an array (H, W), (H, W, 1) greyscale, (H, W, 2)
+      greyscale + alpha, (H, W, 3) RGB, (H, W, 4) RGBA; uint8, uint16, other
+      integers (16-bit data if the maximum exceeds 255), bool or float
+      (values in [0, 1], or [0, 255] / [0, 65535] if the maximum says so).
+
+  Returns:
+    uint8 (H, W, 3) for 8-bit input without alpha (so that resizing happens on
+    8-bit data, as torchvision does), else float32 (H, W, 3) in [0, 1]. Alpha is
+    composited over white.
+
+  Raises:
+    ImageError: undecodable bytes, an unusable shape, an empty image, or
+      NaN / infinite values.
+  """
+  if isinstance(image, (bytes, bytearray, np.bytes_)):
+    image = decode_image(image)
+  data = np.asarray(image)
+  if data.dtype == object and data.ndim == 0:
+    return to_rgb(data.item())
+  if data.ndim == 2:
+    data = data[..., None]
+  if data.ndim != 3 or data.shape[-1] not in (1, 2, 3, 4):
+    raise ImageError(f"expected an (H, W), (H, W, 1|2|3|4) image, got shape {data.shape}")
+  if data.shape[0] == 0 or data.shape[1] == 0:
+    raise ImageError(f"empty image of shape {data.shape}")
+  if data.dtype == np.uint8 and data.shape[-1] in (1, 3):
+    return np.ascontiguousarray(np.broadcast_to(data, data.shape[:2] + (3,)))
+
+  if data.dtype == np.uint8:
+    data = data.astype(np.float32) / np.float32(255)
+  elif data.dtype == np.bool_:
+    data = data.astype(np.float32)
+  elif np.issubdtype(data.dtype, np.integer):
+    peak = int(data.max())
+    scale = 65535.0 if peak > 255 or data.dtype == np.uint16 else 255.0
+    data = np.clip(data.astype(np.float32) / np.float32(scale), 0.0, 1.0)
+  elif np.issubdtype(data.dtype, np.floating):
+    data = data.astype(np.float32)
+    if not np.all(np.isfinite(data)):
+      raise ImageError("image holds NaN or infinite values")
+    peak = float(data.max())
+    scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0
+    data = np.clip(data / np.float32(scale), 0.0, 1.0)
+  else:
+    raise ImageError(f"unsupported image dtype {data.dtype}")
+
+  if data.shape[-1] in (2, 4):
+    color, alpha = data[..., :-1], data[..., -1:]
+    data = color * alpha + (1.0 - alpha)  # Over a white background.
+  if data.shape[-1] == 1:
+    data = np.repeat(data, 3, axis=-1)
+  return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def as_float(rgb):
+  """uint8 RGB as float32 in [0, 1]; float images unchanged."""
+  if rgb.dtype == np.uint8:
+    return rgb.astype(np.float32) / np.float32(255)
+  return rgb
+
+
+def resized_size(width, height, shorter_side):
+  """(width, height) with the shorter side ``shorter_side``, as torchvision's
+  ``Resize(int)``: the longer side scales by the same factor, truncated."""
+  if width <= height:
+    return shorter_side, max(1, int(shorter_side * height / width))
+  return max(1, int(shorter_side * width / height)), shorter_side
+
+
+def resize(rgb, size, resample="bicubic"):
+  """Resizes an RGB image from :func:`to_rgb` to ``size`` = (width, height).
+
+  uint8 images are resized by PIL on 8-bit data, float images channel by
+  channel in PIL's 32-bit float mode (then clipped to [0, 1]); the dtype is
+  kept. ``resample``: a name of :data:`RESAMPLE`.
+  """
+  if (rgb.shape[1], rgb.shape[0]) == tuple(size):
+    return rgb
+  method = resample_filter(resample)
+  if rgb.dtype == np.uint8:
+    return np.asarray(Image.fromarray(rgb, mode="RGB").resize(size, method))
+  channels = [
+      np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., c]), mode="F")
+                 .resize(size, method)) for c in range(3)
+  ]
+  return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
+
+
+def resample_filter(name):
+  """The PIL filter of a :data:`RESAMPLE` name; CdftError for another name."""
+  if isinstance(name, str) and name.lower() in RESAMPLE:
+    return RESAMPLE[name.lower()]
+  raise CdftError(f"unknown resize filter {name!r}; use one of {', '.join(RESAMPLE)}")
 
 
 def _pixel_limit():
@@ -113,67 +260,6 @@ def _bomb_error(path, detail, limit, pixels=None):
       "against decompression bombs; if the image is genuine, raise the limit "
       f"with the environment variable {MAX_PIXELS_ENV} (e.g. "
       f"{MAX_PIXELS_ENV}={suggested})")
-
-
-def _to_float_rgb(image, path):
-  """Converts a decoded PIL image of any mode to float32 (H, W, 3) in [0, 1].
-
-  Args:
-    image: a loaded PIL image, already in display orientation.
-    path: the file, for error messages.
-
-  Returns:
-    ``(pil_rgb, None)`` for 8-bit images without alpha (an RGB PIL image, so
-    that resizing happens on uint8 data exactly as in torchvision), or
-    ``(None, array)`` with the float32 (H, W, 3) array for everything else.
-  """
-  mode = image.mode
-  if mode == "P" and "transparency" in image.info:
-    image = image.convert("RGBA")
-    mode = "RGBA"
-  if mode in _MODES_TO_RGB:
-    try:
-      return image.convert("RGB"), None
-    except (ValueError, OSError) as e:
-      raise ImageError(f"{path}: cannot convert PIL mode {mode} to RGB "
-                       f"({errors.one_line(e)})") from e
-
-  if mode in _ALPHA_MODES:
-    image = image.convert(_ALPHA_MODES[mode])
-    data = np.asarray(image, dtype=np.float32) / 255.0
-    color, alpha = data[..., :-1], data[..., -1:]
-    if color.shape[-1] == 1:
-      color = np.repeat(color, 3, axis=-1)
-    # Composite over a white background: c * a + 1 * (1 - a).
-    return None, color * alpha + (1.0 - alpha)
-
-  if mode in _WIDE_INT_MODES or mode == "F":
-    data = np.asarray(image)
-    if mode == "F":
-      data = data.astype(np.float32)
-      if not np.all(np.isfinite(data)):
-        raise ImageError(f"{path}: float image holds NaN or infinite values")
-      peak = float(data.max()) if data.size else 0.0
-      # Float images are usually in [0, 1]; some tools write [0, 255] or
-      # [0, 65535] instead.
-      scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0
-    elif mode == "I":
-      # 32-bit integers, in practice 16-bit data (PNG/TIFF readers) or, rarely,
-      # 8-bit data stored wide.
-      peak = int(data.max()) if data.size else 0
-      scale = 65535.0 if peak > 255 else 255.0
-    else:
-      scale = 65535.0
-    # float32 holds integers up to 2**24 exactly; one rounding in the divide.
-    data = np.clip(data.astype(np.float32) / np.float32(scale), 0.0, 1.0)
-    return None, np.repeat(data[..., None], 3, axis=-1)
-
-  # Anything else PIL can decode (e.g. "I;16S" or unusual raw modes).
-  try:
-    return image.convert("RGB"), None
-  except (ValueError, OSError) as e:
-    raise ImageError(f"{path}: unsupported PIL image mode {mode} "
-                     f"({errors.one_line(e)})") from e
 
 
 def _exif_orientation(image):
@@ -198,27 +284,6 @@ def _apply_exif_orientation(image):
   return image
 
 
-def _resized_size(width, height, shorter_side):
-  """(width, height) with the shorter side set to ``shorter_side``.
-
-  Matches ``torchvision.transforms.Resize(int)``: the longer side is scaled by
-  the same factor and truncated to an integer.
-  """
-  if width <= height:
-    return shorter_side, max(1, int(shorter_side * height / width))
-  return max(1, int(shorter_side * width / height)), shorter_side
-
-
-def _resize_float(data, size):
-  """Bilinear resize of a float32 (H, W, 3) array to ``size`` = (W, H)."""
-  channels = [
-      np.asarray(Image.fromarray(np.ascontiguousarray(data[..., c]), mode="F")
-                 .resize(size, Image.BILINEAR))
-      for c in range(data.shape[-1])
-  ]
-  return np.stack(channels, axis=-1)
-
-
 def probe_size(path, shorter_side=None):
   """(height, width) that :func:`load_image` will return, from the file's header alone.
 
@@ -234,7 +299,7 @@ def probe_size(path, shorter_side=None):
   except Exception:  # pylint: disable=broad-except
     return None
   if shorter_side is not None:
-    width, height = _resized_size(width, height, int(shorter_side))
+    width, height = resized_size(width, height, int(shorter_side))
   return height, width
 
 
@@ -307,24 +372,15 @@ def load_image(path, shorter_side=None, min_side=16, keep_uint8=False):
       raise ImageError(f"{path}: corrupt or truncated image "
                        f"({errors.one_line(e)})") from e
     oriented = _apply_exif_orientation(image)
-    pil_rgb, data = _to_float_rgb(oriented, path)
+    try:
+      rgb = to_rgb(_pil_to_array(oriented))
+    except ImageError as e:
+      raise ImageError(f"{path}: {e}") from e
 
   if shorter_side is not None:
-    width, height = pil_rgb.size if pil_rgb is not None else (data.shape[1],
-                                                             data.shape[0])
-    size = _resized_size(width, height, int(shorter_side))
-    if size != (width, height):
-      if pil_rgb is not None:
-        pil_rgb = pil_rgb.resize(size, Image.BILINEAR)
-      else:
-        data = _resize_float(data, size)
-  if pil_rgb is not None and keep_uint8:
-    data = np.asarray(pil_rgb, dtype=np.uint8)  # 4x less memory for huge images
-  elif pil_rgb is not None:
-    data = np.asarray(pil_rgb, dtype=np.float32) / np.float32(255.0)
-  if data.dtype != np.uint8:
-    data = np.ascontiguousarray(data, dtype=np.float32)
-
+    size = resized_size(rgb.shape[1], rgb.shape[0], int(shorter_side))
+    rgb = resize(rgb, size, "bilinear")  # torchvision's Resize on a PIL image
+  data = rgb if keep_uint8 else as_float(rgb)  # uint8 only for 8-bit sources
   height, width = data.shape[:2]
   if min(height, width) < min_side:
     resized = "" if shorter_side is None else " after resizing"

@@ -19,7 +19,7 @@ default (the official code has no custom init).
 * :class:`HintRegressor`: the FitNets regressor (its loss and every other
   distillation loss are in :mod:`cdft.losses`).
 """
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

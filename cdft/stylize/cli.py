@@ -190,7 +190,7 @@ def run(args, out=None):
       result = runner.stylize(content, styles, args.alpha, args.levels, args.style_weights,
                               callback=report, progress=_tile_progress(out)).to_uint8()
     else:
-      content = _as_float(content)
+      content = images.as_float(content)
       stylizer.warm_up((1, h, w, 3), args.levels)  # compiles meanwhile
       if style_stats is None:  # once per style set, for every content
         style_stats = stylizer.style_stats(styles, args.levels, args.style_weights)
@@ -206,19 +206,16 @@ def run(args, out=None):
   return written
 
 
-def _as_float(image):
-  import numpy as np
-  return image.astype(np.float32) / np.float32(255.0) if image.dtype == np.uint8 else image
-
-
 def _preserve_color_bands(content, result, rows=512):
   """Content chroma + stylized luminance, a band of rows at a time (uint8 or float)."""
   import numpy as np
+  from cdft.io import images
   from cdft.stylize import cascade
   out = np.empty(result.shape, np.float32)
   for r0 in range(0, result.shape[0], rows):
     out[r0:r0 + rows] = cascade.preserve_color(
-        _as_float(content[r0:r0 + rows, :result.shape[1]]), _as_float(result[r0:r0 + rows]))
+        images.as_float(content[r0:r0 + rows, :result.shape[1]]),
+        images.as_float(result[r0:r0 + rows]))
   return out
 
 

@@ -32,15 +32,11 @@ init, for tests and benchmarks), the workdir of an earlier run, or a PyTorch
 Every network is named by a string of the config and loaded by
 :func:`cdft.weights.resolve`.
 """
-import os
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cdft import models
 from cdft.errors import CdftError
 from cdft import losses
 from cdft.models import factor_transfer as ft

@@ -18,9 +18,6 @@ while Q_k·F′_k still drives the teacher decoder (the collaborative term).
 
 Weights are named by strings in the config (see :func:`cdft.weights.resolve`).
 """
-import os
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
