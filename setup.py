@@ -31,8 +31,10 @@ setuptools.setup(
     extras_require={
         # Training data (TFDS without TensorFlow) and the digits dataset of the FT checks.
         "data": ["tensorflow-datasets", "array-record", "scikit-learn"],
+        # Loss curves (launch/plot_metrics.py, cdft.training.plots).
+        "plots": ["matplotlib"],
         "test": ["pytest", "nbformat", "nbclient", "ipykernel", "tensorflow-datasets",
-                 "array-record", "scikit-learn"],
+                 "array-record", "scikit-learn", "matplotlib"],
     },
     entry_points={
         "console_scripts": [

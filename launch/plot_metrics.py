@@ -7,8 +7,7 @@ Reads each run's ``metrics.jsonl`` (see :mod:`cdft.training.plots`) and draws
 one panel per metric (x = step, one line per run, the legend names the run
 folders); evaluation metrics are keys such as ``eval/loss``. Without
 ``--keys``, every logged metric but the throughput counters gets a panel.
-matplotlib draws the figure when it is installed (it is not a dependency of
-cdft), else a PIL line chart does (``--backend pil`` forces it). Prints the
+matplotlib draws the figure (``pip install 'cdft[plots]'``). Prints the
 first, last and minimum value of each metric per run. A missing or empty
 metrics file or an unknown key stops with a one-line message and exit code 2.
 """
@@ -30,19 +29,16 @@ def main(argv=None):
                       "but throughput), e.g. loss,pixel,perceptual,eval/loss")
   parser.add_argument("--log-y", action="store_true", help="logarithmic y axes")
   parser.add_argument("--title", default=None, help="figure title")
-  parser.add_argument("--backend", choices=plots.BACKENDS, default="auto",
-                      help="matplotlib if installed (auto, default) or the PIL fallback")
   args = parser.parse_args(argv)
   try:
     runs = plots.read_runs(args.runs)
     keys = plots.metric_keys(runs, args.keys.split(",") if args.keys is not None else None)
-    backend = plots.plot(runs, keys, args.out, log_y=args.log_y, title=args.title,
-                         backend=args.backend)
+    plots.plot(runs, keys, args.out, log_y=args.log_y, title=args.title)
   except CdftError as e:
     print(f"plot_metrics: error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   print(plots.format_summary(plots.summary(runs, keys)), end="")
-  print(f"wrote {args.out} ({len(keys)} panel{'s' if len(keys) > 1 else ''}, {backend})")
+  print(f"wrote {args.out} ({len(keys)} panel{'s' if len(keys) > 1 else ''})")
   return 0
 
 

@@ -96,47 +96,35 @@ def _check_png(path, num_keys, num_runs):
 
 
 @pytest.mark.parametrize("log_y", [False, True])
-def test_pil_backend_draws_every_panel(runs_dir, tmp_path, log_y):
+def test_every_panel_is_drawn(runs_dir, tmp_path, log_y):
   runs = plots.read_runs([runs_dir / "run_a", runs_dir / "run_b"])
   keys = ["loss", "pixel", "perceptual", "eval/loss"]
   out = tmp_path / "plots" / "curves.png"
-  assert plots.plot(runs, keys, out, log_y=log_y, backend="pil") == "pil"
+  assert plots.plot(runs, keys, out, log_y=log_y) == keys
   assert plots.figure_size(4) == (3 * 480, 2 * 360 + 32)
   pixels = _check_png(out, len(keys), 2)
   # The unused sixth panel (row 2, column 3) stays white; the fourth is drawn.
-  np.testing.assert_array_equal(pixels[32 + 360:, 2 * 480:], 255)
+  np.testing.assert_array_equal(pixels[32 + 380:-20, 2 * 480 + 20:-20], 255)
   assert (pixels[32 + 360:, :480] < 128).all(-1).sum() > 100
   assert not list(out.parent.glob(".*.part"))
 
 
-def test_pil_fallback_when_matplotlib_is_missing(runs_dir, tmp_path, monkeypatch):
+def test_matplotlib_is_named_when_missing(runs_dir, tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
   runs = plots.read_runs([runs_dir / "run_a"])
-  assert plots.plot(runs, ["loss"], tmp_path / "auto.png") == "pil"
-  _check_png(tmp_path / "auto.png", 1, 1)
-  assert plots.figure_size(1) == (480, 360 + 32)
-  with pytest.raises(CdftError, match=r"the matplotlib backend needs matplotlib"):
-    plots.plot(runs, ["loss"], tmp_path / "m.png", backend="matplotlib")
-
-
-def test_matplotlib_backend(runs_dir, tmp_path):
-  pytest.importorskip("matplotlib")
-  runs = plots.read_runs([runs_dir / "run_a", runs_dir / "run_b"])
-  assert plots.plot(runs, ["loss", "eval/loss"], tmp_path / "a.png", log_y=True) == "matplotlib"
-  _check_png(tmp_path / "a.png", 2, 2)
+  with pytest.raises(CdftError, match=r"plots need matplotlib: pip install 'cdft\[plots\]'"):
+    plots.plot(runs, ["loss"], tmp_path / "m.png")
+  assert not (tmp_path / "m.png").exists()
 
 
 def test_log_y_keeps_non_positive_panels_linear(tmp_path):
   run = _write(tmp_path / "signed", [{"step": s, "loss": 1.0 / s, "delta": s - 2.0}
                                      for s in (1, 2, 3, 4)])
   runs = plots.read_runs([run])
-  assert plots.plot(runs, ["loss", "delta"], tmp_path / "log.png", log_y=True,
-                    backend="pil", title="signed") == "pil"
+  labels = plots.plot(runs, ["loss", "delta"], tmp_path / "log.png", log_y=True, title="signed")
+  assert labels == ["loss", "delta (linear: values <= 0)"]
   with Image.open(tmp_path / "log.png") as im:
     assert im.size == plots.figure_size(2)
-  assert plots._log_ticks(math.log10(0.3), math.log10(5)) == pytest.approx(
-      [math.log10(v) for v in (0.5, 1, 2, 5)])
-  assert plots._nice_ticks(0.0, 1.0) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
 
 
 def test_read_errors(tmp_path):
@@ -159,8 +147,6 @@ def test_read_errors(tmp_path):
   with pytest.raises(CdftError, match=r"^unknown metric 'pixel': the runs logged loss, "
                      r"steps_per_sec$"):
     plots.metric_keys(runs, ["loss", "pixel"])
-  with pytest.raises(CdftError, match=r"unknown plot backend 'svg'"):
-    plots.plot(runs, ["loss"], tmp_path / "x.png", backend="svg")
   only_timing = _write(tmp_path / "timing", [{"step": 1, "steps_per_sec": 2.0}])
   with pytest.raises(CdftError, match=r"no metrics besides the step"):
     plots.metric_keys(plots.read_runs([only_timing]))
@@ -184,11 +170,11 @@ def launcher():
 def test_launcher(launcher, runs_dir, tmp_path, capsys):
   out = tmp_path / "curve.png"
   code = launcher.main([str(runs_dir / "run_a"), str(runs_dir / "run_b"), "--out", str(out),
-                        "--keys", "loss,pixel,perceptual", "--log-y", "--backend", "pil"])
+                        "--keys", "loss,pixel,perceptual", "--log-y"])
   assert code == 0
   text = capsys.readouterr().out
   assert text.splitlines()[0] == "loss" and "perceptual" in text.splitlines()
-  assert text.rstrip().endswith(f"wrote {out} (3 panels, pil)")
+  assert text.rstrip().endswith(f"wrote {out} (3 panels)")
   _check_png(out, 3, 2)
 
 

@@ -8,9 +8,9 @@ when a step is logged twice (a restart from an earlier checkpoint), its last
 line counts.
 
 :func:`plot` draws one panel per metric key (x = step, one line per run, a
-legend of the run folder names) with matplotlib when it is importable (the Agg
-canvas, no display and no global backend change), else with a PIL line chart.
-Both backends give a PNG of :func:`figure_size` pixels.
+legend of the run folder names) with matplotlib (the ``plots`` extra:
+``pip install 'cdft[plots]'``), on its Agg canvas: no display and no global
+backend change. The PNG has :func:`figure_size` pixels.
 """
 import dataclasses
 import io
@@ -20,23 +20,21 @@ import os
 import pathlib
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 from cdft.errors import CdftError
 from cdft.io import files
 
-__all__ = ["Run", "FILE_NAME", "BOOKKEEPING", "BACKENDS", "PANEL_SIZE", "TITLE_HEIGHT", "COLORS",
+__all__ = ["Run", "FILE_NAME", "BOOKKEEPING", "PANEL_SIZE", "TITLE_HEIGHT", "COLORS",
            "read_run", "read_runs", "metric_keys", "series", "summary", "format_summary",
            "figure_size", "plot"]
 
 FILE_NAME = "metrics.jsonl"
 # Logged per line but not curves worth a panel by default (still plottable by --keys).
 BOOKKEEPING = ("steps_per_sec", "images_per_sec", "data_skipped")
-BACKENDS = ("auto", "matplotlib", "pil")
 PANEL_SIZE = (480, 360)  # px per panel
 TITLE_HEIGHT = 32  # px above the panels for the figure title
 MAX_COLUMNS = 3
-# matplotlib's tab10, so both backends colour the runs alike.
+# matplotlib's tab10: run j has colour COLORS[j % 10].
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
           "#7f7f7f", "#bcbd22", "#17becf")
 _DPI = 100
@@ -224,55 +222,44 @@ def _log_ok(values_per_run):
   return bool(values) and min(values) > 0
 
 
-def plot(runs, keys, out, log_y=False, title=None, backend="auto"):
-  """Draws the loss curves of ``runs`` into the PNG ``out``.
+def plot(runs, keys, out, log_y=False, title=None):
+  """Draws the loss curves of ``runs`` into the PNG ``out`` with matplotlib.
 
   Args:
     runs: :class:`Run` list (:func:`read_runs`).
     keys: metric keys, one panel each (:func:`metric_keys`).
-    out: the PNG file (parent folders are created).
+    out: the PNG file (parent folders are created; written atomically).
     log_y: logarithmic y axes (a panel with values <= 0 stays linear and says so).
     title: the figure title (default: the metric file's name and the run count).
-    backend: ``'auto'`` (matplotlib if importable, else PIL), ``'matplotlib'`` or
-      ``'pil'``.
 
   Returns:
-    the backend used, ``'matplotlib'`` or ``'pil'``.
+    The labels of the panels, in order.
 
   Raises:
-    CdftError: no runs or keys, an unknown or missing backend, an unwritable file.
+    CdftError: no runs or keys, matplotlib missing, an unwritable file.
   """
-  if backend not in BACKENDS:
-    raise CdftError(f"unknown plot backend {backend!r}; choose from {', '.join(BACKENDS)}")
   if not runs or not keys:
     raise CdftError("nothing to plot (no runs or no metric keys)")
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel,unused-import  # noqa: F401
+  except ImportError as e:
+    raise CdftError("plots need matplotlib: pip install 'cdft[plots]' (or matplotlib)") from e
   if title is None:
     title = f"{FILE_NAME} of {len(runs)} run{'s' if len(runs) > 1 else ''}"
-  if backend in ("auto", "matplotlib"):
-    try:
-      import matplotlib  # pylint: disable=import-outside-toplevel,unused-import
-    except ImportError as e:
-      if backend == "matplotlib":
-        raise CdftError("the matplotlib backend needs matplotlib (pip install matplotlib); "
-                        "the pil backend does not") from e
-      backend = "pil"
-    else:
-      backend = "matplotlib"
   panels = []
   for key in keys:
     data = [(run.name, *series(run, key)) for run in runs]
     log = log_y and _log_ok([v for _, _, v in data])
     label = key if log == log_y else f"{key} (linear: values <= 0)"
     panels.append((label, data, log))
-  draw = _plot_matplotlib if backend == "matplotlib" else _plot_pil
-  image_bytes = draw(panels, title)
+  image_bytes = _plot_matplotlib(panels, title)
   out = pathlib.Path(out)
   try:
     with files.atomic_open(out) as f:
       f.write(image_bytes)
   except OSError as e:
     raise CdftError(f"{out}: cannot write the plot ({e.strerror or e})") from e
-  return backend
+  return [label for label, _, _ in panels]
 
 
 def _plot_matplotlib(panels, title):
@@ -306,171 +293,4 @@ def _plot_matplotlib(panels, title):
       ax.legend(fontsize="small")
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=_DPI, facecolor="white")
-  return buffer.getvalue()
-
-
-# --- the PIL fallback ------------------------------------------------------------------------
-
-
-def _font(size):
-  try:
-    return ImageFont.load_default(size=size)
-  except TypeError:  # Pillow < 10.1: the fixed bitmap font
-    return ImageFont.load_default()
-
-
-def _text_size(draw, text, font):
-  left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-  return right - left, bottom - top
-
-
-def _nice_ticks(lo, hi, count=5):
-  """Round tick values covering [lo, hi] (steps of 1, 2, 2.5 or 5 x 10^n)."""
-  span = hi - lo
-  raw = span / max(count, 1)
-  magnitude = 10.0 ** math.floor(math.log10(raw))
-  step = magnitude * 10
-  for m in (1, 2, 2.5, 5, 10):
-    if span / (m * magnitude) <= count:
-      step = m * magnitude
-      break
-  first = math.ceil(lo / step - 1e-9) * step
-  ticks = []
-  t = first
-  while t <= hi + step * 1e-9:
-    ticks.append(0.0 if abs(t) < step * 1e-9 else t)
-    t = first + len(ticks) * step
-  return ticks
-
-
-def _log_ticks(lo, hi):
-  """Tick positions (log10 values) in [lo, hi]: the decades, else 1, 2, 5 x 10^n, else all
-  of 1..9 x 10^n, whichever first gives 3 ticks (1, 2, 5 with 2 already will do)."""
-  decades = range(math.floor(lo) - 1, math.ceil(hi) + 1)
-
-  def ticks(mantissas):
-    out = [d + math.log10(m) for d in decades for m in mantissas]
-    return [t for t in out if lo <= t <= hi]
-
-  decade, coarse = ticks((1,)), ticks((1, 2, 5))
-  if len(decade) >= 3:
-    out = decade
-  elif len(coarse) >= 2:
-    out = coarse
-  else:
-    out = ticks(range(1, 10))
-  while len(out) > 8:
-    out = out[::2]
-  return out if len(out) >= 2 else _nice_ticks(lo, hi)
-
-
-def _limits(values, pad=0.05):
-  lo, hi = float(min(values)), float(max(values))
-  if hi - lo <= 1e-12 * max(abs(lo), abs(hi), 1e-300):
-    half = abs(lo) * 0.1 or 1.0
-    return lo - half, hi + half
-  margin = (hi - lo) * pad
-  return lo - margin, hi + margin
-
-
-def _tick_label(value, log):
-  return f"{10.0 ** value:.3g}" if log else f"{value:.4g}"
-
-
-def _draw_panel(draw, box, label, data, log, fonts, k):
-  """One panel in ``box`` = (left, top, right, bottom), drawn at ``k`` x scale."""
-  small, medium = fonts
-  left, top, right, bottom = box
-  title_w, title_h = _text_size(draw, label, medium)
-  draw.text(((left + right - title_w) // 2, top + 6 * k), label, fill="black", font=medium)
-  curves = [(name, steps, np.log10(values) if log else values)
-            for name, steps, values in data if len(values)]
-  if not curves:
-    draw.text((left + 20 * k, (top + bottom) // 2), "no data", fill="#888888", font=small)
-    return
-  all_steps = np.concatenate([c[1] for c in curves])
-  all_values = np.concatenate([c[2] for c in curves])
-  x_lo, x_hi = float(all_steps.min()), float(all_steps.max())
-  if x_hi == x_lo:
-    x_lo, x_hi = x_lo - 1, x_hi + 1
-  y_lo, y_hi = _limits(all_values)
-  y_ticks = _log_ticks(y_lo, y_hi) if log else _nice_ticks(y_lo, y_hi)
-  y_ticks = [t for t in y_ticks if y_lo <= t <= y_hi]
-  x_ticks = [t for t in _nice_ticks(x_lo, x_hi) if x_lo <= t <= x_hi]
-  y_labels = [_tick_label(t, log) for t in y_ticks]
-  label_w = max([_text_size(draw, s, small)[0] for s in y_labels] + [0])
-  char_h = draw.textbbox((0, 0), "Agy|", font=small)[3]  # a line's height, descenders too
-  plot_l = left + label_w + 14 * k
-  plot_t = top + title_h + 16 * k
-  plot_r = right - 14 * k
-  plot_b = bottom - 2 * char_h - 16 * k
-
-  def px(step, value):
-    x = plot_l + (step - x_lo) / (x_hi - x_lo) * (plot_r - plot_l)
-    y = plot_b - (value - y_lo) / (y_hi - y_lo) * (plot_b - plot_t)
-    return x, y
-
-  for t, text in zip(y_ticks, y_labels):
-    _, y = px(x_lo, t)
-    draw.line([(plot_l, y), (plot_r, y)], fill="#dddddd", width=k)
-    draw.line([(plot_l - 4 * k, y), (plot_l, y)], fill="black", width=k)
-    w, _ = _text_size(draw, text, small)
-    draw.text((plot_l - 6 * k - w, y - char_h // 2), text, fill="black", font=small)
-  for t in x_ticks:
-    x, _ = px(t, y_lo)
-    draw.line([(x, plot_t), (x, plot_b)], fill="#dddddd", width=k)
-    draw.line([(x, plot_b), (x, plot_b + 4 * k)], fill="black", width=k)
-    text = _tick_label(t, False)
-    w, _ = _text_size(draw, text, small)
-    draw.text((x - w // 2, plot_b + 6 * k), text, fill="black", font=small)
-  w, _ = _text_size(draw, "step", small)
-  draw.text(((plot_l + plot_r - w) // 2, plot_b + char_h + 8 * k), "step", fill="black",
-            font=small)
-  draw.rectangle([plot_l, plot_t, plot_r, plot_b], outline="black", width=k)
-  for j, (name, steps, values) in enumerate(data):
-    if not len(values):
-      continue
-    color = COLORS[j % len(COLORS)]
-    points = [px(s, v) for s, v in zip(steps, np.log10(values) if log else values)]
-    if len(points) > 1:
-      draw.line(points, fill=color, width=2 * k, joint="curve")
-    if len(points) <= 50:
-      r = 2.5 * k
-      for x, y in points:
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
-  # Legend: top right inside the plot, one swatch per run with data.
-  entries = [(COLORS[j % len(COLORS)], name) for j, (name, _, values) in enumerate(data)
-             if len(values)]
-  text_w = max(_text_size(draw, name, small)[0] for _, name in entries)
-  line_h = char_h + 6 * k
-  lx1, ly0 = plot_r - 6 * k, plot_t + 6 * k
-  lx0, ly1 = lx1 - text_w - 34 * k, ly0 + line_h * len(entries) + 6 * k
-  draw.rectangle([lx0, ly0, lx1, ly1], fill="white", outline="#999999", width=k)
-  for i, (color, name) in enumerate(entries):
-    y = ly0 + 4 * k + i * line_h + line_h // 2
-    draw.line([(lx0 + 6 * k, y), (lx0 + 24 * k, y)], fill=color, width=3 * k)
-    draw.text((lx0 + 30 * k, y - char_h // 2), name, fill="black", font=small)
-
-
-def _plot_pil(panels, title, supersample=2):
-  """The PNG bytes of the panels, drawn with PIL at ``supersample`` x size, then reduced
-  (antialiased lines and text)."""
-  k = supersample
-  width, height = figure_size(len(panels))
-  _, cols = _grid(len(panels))
-  image = Image.new("RGB", (width * k, height * k), "white")
-  draw = ImageDraw.Draw(image)
-  fonts = (_font(12 * k), _font(14 * k))
-  w, h = _text_size(draw, title, _font(16 * k))
-  draw.text(((width * k - w) // 2, (TITLE_HEIGHT * k - h) // 2), title, fill="black",
-            font=_font(16 * k))
-  for i, (label, data, log) in enumerate(panels):
-    r, c = divmod(i, cols)
-    left, top = c * PANEL_SIZE[0] * k, (TITLE_HEIGHT + r * PANEL_SIZE[1]) * k
-    _draw_panel(draw, (left, top, left + PANEL_SIZE[0] * k, top + PANEL_SIZE[1] * k), label,
-                data, log, fonts, k)
-  if k > 1:
-    image = image.resize((width, height), Image.LANCZOS)
-  buffer = io.BytesIO()
-  image.save(buffer, format="PNG")
   return buffer.getvalue()
