@@ -332,6 +332,24 @@ def test_ft_student_trains_from_the_digits_teacher(digits_chain):
   assert_same_tree(task.frozen["paraphraser"], para["paraphraser"])
 
 
+def test_exported_ft_runs_load_as_official_files(digits_chain, tmp_path):
+  """`cdft-weights export`: the teacher, paraphraser and FT student in the official .pth layout."""
+  from cdft.weights import cli as weights_cli  # pylint: disable=import-outside-toplevel
+  for run in ("teacher", "paraphraser", "student"):
+    assert weights_cli.main(["export", str(digits_chain / run), "--out", str(tmp_path / run)]) == 0
+  teacher, _ = checkpointing.restore_variables(digits_chain / "teacher")
+  _, loaded = weights.resolve(str(tmp_path / "teacher" / "resnet20.pth"), "classifier",
+                              model="resnet20", num_classes=10, widths=NARROW)
+  assert_same_tree(loaded["params"], teacher["params"]["classifier"])
+  assert_same_tree(loaded["batch_stats"], teacher["model_state"]["classifier"])
+  para, _ = checkpointing.restore_params(digits_chain / "paraphraser")
+  _, loaded = weights.resolve(str(tmp_path / "paraphraser" / "Paraphraser.pth"), "paraphraser",
+                              in_channels=32)
+  assert_same_tree(loaded, para["paraphraser"])
+  assert sorted(p.name for p in (tmp_path / "student").iterdir()) == ["resnet20.pth",
+                                                                      "translator.pth"]
+
+
 # --- the other methods, 2 steps on 8 fake devices, from the digits teacher ----------------------
 
 

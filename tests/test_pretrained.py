@@ -8,7 +8,9 @@ from cdft import models
 from cdft.errors import WeightError
 from cdft.models import vgg
 from cdft.stylize import cli
-from cdft.weights import pretrained, t7, torch_format
+from cdft.weights import pretrained, torch_format
+
+import t7_writer  # tests/t7_writer.py
 
 
 def test_pruned_initialisations_load(weights_dir, tmp_path):
@@ -61,14 +63,14 @@ def _write_vgg19_t7(folder, stage, key):
       layers.append(("pool",))
       prev_block = int(name[4])
     layers += [("pad",), ("conv", oihw(pe[name]), np.asarray(pe[name]["bias"])), ("relu",)]
-  t7.save_sequential(folder / f"vgg_normalised_conv{stage}_1.t7", layers)
+  t7_writer.save_sequential(folder / f"vgg_normalised_conv{stage}_1.t7", layers)
   layers, prev_block = [], stage
   for name in vgg.decoder_layer_names(stage):
     if int(name[4]) != prev_block:
       layers.append(("up",))
       prev_block = int(name[4])
     layers += [("pad",), ("conv", oihw(pd[name]), np.asarray(pd[name]["bias"])), ("relu",)]
-  t7.save_sequential(folder / f"feature_invertor_conv{stage}_1.t7", layers, weight_2d=True)
+  t7_writer.save_sequential(folder / f"feature_invertor_conv{stage}_1.t7", layers, weight_2d=True)
   return pe, pd
 
 

@@ -7,6 +7,8 @@ import pytest
 from cdft.errors import WeightError
 from cdft.weights import t7
 
+import t7_writer  # tests/t7_writer.py
+
 # The encoder of vgg_normalised_conv2_1.t7 (layer kinds only; widths shrunk):
 # conv0, pad, conv11, relu, pad, conv12, relu, pool, pad, conv21, relu.
 _CHANNELS = [(3, 3, 1), (8, 3, 3), (8, 8, 3), (16, 8, 3)]
@@ -28,7 +30,7 @@ def _encoder_layers(seed=0):
 def test_sequential_convs_round_trip(tmp_path, weight_2d, flat_parameters):
   layers, convs = _encoder_layers()
   path = tmp_path / "vgg_normalised_conv2_1.t7"
-  t7.save_sequential(path, layers, weight_2d=weight_2d,
+  t7_writer.save_sequential(path, layers, weight_2d=weight_2d,
                      flat_parameters=flat_parameters)
   got = t7.sequential_convs(path)
   # Same indexing as the CD code: conv0=0, conv11=2, conv12=5, conv21=9.
@@ -43,7 +45,7 @@ def test_sequential_convs_round_trip(tmp_path, weight_2d, flat_parameters):
 def test_load_structure_and_repeated_references(tmp_path):
   layers, convs = _encoder_layers()
   path = tmp_path / "net.t7"
-  t7.save_sequential(path, layers, weight_2d=True, flat_parameters=True)
+  t7_writer.save_sequential(path, layers, weight_2d=True, flat_parameters=True)
   root = t7.load(path)
   assert isinstance(root, t7.T7Object) and root.class_name == "nn.Sequential"
   modules = root.fields["modules"]
@@ -113,7 +115,7 @@ def test_reads_hand_written_bytes(tmp_path):
 def test_truncated_file(tmp_path):
   layers, _ = _encoder_layers()
   path = tmp_path / "whole.t7"
-  t7.save_sequential(path, layers)
+  t7_writer.save_sequential(path, layers)
   data = path.read_bytes()
   for cut in (len(data) - 100, 2, 300):
     short = tmp_path / "feature_invertor_conv2_1.t7"
@@ -160,7 +162,7 @@ def test_tensor_overrunning_storage(tmp_path):
 
 def test_sequential_convs_rejects_wrong_structures(tmp_path):
   path = tmp_path / "table.t7"
-  writer = t7._Writer()  # pylint: disable=protected-access
+  writer = t7_writer._Writer()  # pylint: disable=protected-access
   writer.write({"modules": []})
   path.write_bytes(writer.getvalue())
   with pytest.raises(WeightError, match=r"table\.t7: expected an "
@@ -171,7 +173,7 @@ def test_sequential_convs_rejects_wrong_structures(tmp_path):
       "nInputPlane": 3, "nOutputPlane": 4, "kH": 3, "kW": 3,
       "weight": np.zeros((4, 3, 1, 1), np.float32),
       "bias": np.zeros(4, np.float32)})
-  writer = t7._Writer()  # pylint: disable=protected-access
+  writer = t7_writer._Writer()  # pylint: disable=protected-access
   writer.write(t7.T7Object("nn.Sequential", {"modules": [conv]}))
   path = tmp_path / "shape.t7"
   path.write_bytes(writer.getvalue())
@@ -184,7 +186,7 @@ def test_conv_without_bias_gets_zeros(tmp_path):
   conv = t7.T7Object("nn.SpatialConvolution", {
       "nInputPlane": 2, "nOutputPlane": 3, "kH": 1, "kW": 1,
       "weight": np.ones((3, 2), np.float32), "bias": None})
-  writer = t7._Writer()  # pylint: disable=protected-access
+  writer = t7_writer._Writer()  # pylint: disable=protected-access
   writer.write(t7.T7Object("nn.Sequential", {"modules": [
       t7.T7Object("nn.ReLU", {}), conv]}))
   path = tmp_path / "nobias.t7"

@@ -94,8 +94,33 @@ def test_every_config_trains_and_resumes(name, overrides, image_folder, tmp_path
   np.testing.assert_array_equal(jax.tree.leaves(params)[0], jax.tree.leaves(out["params"])[0])
   # A rerun with more steps resumes at step 2 (no new step-1/2 lines).
   config.total_steps = 3
-  assert train.run(config, workdir)["step"] == 3
+  out = train.run(config, workdir)
+  assert out["step"] == 3
   assert [r["step"] for r in rows(workdir)] == [1, 2, 3]
+  _check_export(name, workdir, out["params"], tmp_path / "export")
+
+
+def _check_export(task, workdir, params, out_dir):
+  """`cdft-weights export` writes the official layout, which cdft's readers load back."""
+  from cdft.weights import cli as weights_cli  # pylint: disable=import-outside-toplevel
+  from cdft.weights import convert, pretrained, torch_format  # pylint: disable=import-outside-toplevel
+  assert weights_cli.main(["export", str(workdir), "--out", str(out_dir)]) == 0
+  if task == "cd_student":  # the released kSE.pth layout: encoder + embedding heads
+    back = pretrained.convert_student_files(2, str(out_dir / "2SE.pth"), None)
+    want = {"encoder": params["encoder"], "embedding": params["embedding"]}
+  elif task == "cd_small_decoder":
+    back = pretrained.convert_student_files(2, None, str(out_dir / "2SD.pth"))
+    want = {"decoder": params["decoder"]}
+  else:  # cd_decoder: the teacher-width decoder
+    path = out_dir / "2BD.pth"
+    state = torch_format.state_dict(torch_format.load(path), str(path))
+    back = {"decoder": convert.from_torch_state(state, params["decoder"], str(path))}
+    want = {"decoder": params["decoder"]}
+  for role, tree in want.items():
+    got = back[role]["params"]
+    assert jax.tree.structure(got) == jax.tree.structure(tree), role
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(tree)):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_resume_equals_uninterrupted(image_folder, tmp_path):

@@ -91,6 +91,15 @@ def build_parser():
                  help="use at most this many images (the first by name)")
   p.add_argument("--batch-size", type=_positive, default=1,
                  help="images per forward pass (default 1)")
+
+  p = sub.add_parser(
+      "export",
+      help="write a trained cdft workdir in the official PyTorch .pth layouts (kSE.pth, "
+           "kSD.pth, Paraphraser.pth, ...), for the official code and other tools")
+  p.add_argument("workdir", type=pathlib.Path, help="the training run's workdir")
+  p.add_argument("--out", type=pathlib.Path, required=True, help="folder to write the files into")
+  p.add_argument("--step", type=_positive, default=None,
+                 help="the checkpoint to export (default: the latest)")
   return parser
 
 
@@ -188,7 +197,14 @@ def _cmd_normalize(args, out):
         file=out)
 
 
-_COMMANDS = {"list": _cmd_list, "fetch": _cmd_fetch, "normalize-vgg": _cmd_normalize}
+def _cmd_export(args, out):
+  from cdft.weights import export  # pylint: disable=import-outside-toplevel
+  for path in export.export_run(args.workdir, args.out, args.step):
+    print(f"wrote {path}", file=out)
+
+
+_COMMANDS = {"list": _cmd_list, "fetch": _cmd_fetch, "normalize-vgg": _cmd_normalize,
+             "export": _cmd_export}
 
 
 def main(argv=None):
