@@ -44,7 +44,7 @@ def child(args):
   from cdft.stylize import cpu_tuning
   cpu_tuning.tune_xla_cpu()  # as cdft-stylize
   from PIL import Image
-  from cdft.stylize import cascade, tiled
+  from cdft.stylize import cascade, tile_store, tiled
   from cdft.weights import pretrained
 
   content = _content(args, args.size)
@@ -68,7 +68,7 @@ def child(args):
       runner = tiled.TiledStylizer(stylizer, max_memory=args.max_memory, stats_mode=args.mode,
                                    temp_dir=args.tmp)
       tiles = {k: [r, c, nr, nc] for k, _, _, r, c, nr, nc in runner.plan(*content.shape[:2])}
-      store = tiled.ImageStore.from_array(content, runner.use_disk(*content.shape[:2]), args.tmp)
+      store = tile_store.ImageStore.from_array(content, runner.use_disk(*content.shape[:2]), args.tmp)
       if len(runs) == 0:
         content = None  # the image lives in the (disk) store from here on
       out = runner.stylize(store, style, callback=lambda k, s: levels.__setitem__(k, s))
@@ -96,16 +96,17 @@ def _seams(out, tiles):
 
   ``tiles``: level -> (row core, column core, ...), as the child records them.
   """
-  from cdft.stylize import tiled
-  bounds = [sorted({b for k, cores in tiles.items() for b in tiled.tile_boundaries(
-      n, cores[axis], tiled.level_halo(int(k)), 2 ** (int(k) - 1))})
+  from cdft.evaluation import metrics as eval_metrics
+  from cdft.stylize import tile_plan
+  bounds = [sorted({b for k, cores in tiles.items() for b in tile_plan.tile_boundaries(
+      n, cores[axis], tile_plan.level_halo(int(k)), 2 ** (int(k) - 1))})
       for axis, n in enumerate(out.shape[:2])]
   starts = [max(0, min(b[0] - 1024, n - 2048)) if b else 0
             for b, n in zip(bounds, out.shape[:2])]
   crop = out[starts[0]:starts[0] + 2048, starts[1]:starts[1] + 2048].astype(np.float32) / 255
   rows = [b - starts[0] for b in bounds[0] if 0 < b - starts[0] < crop.shape[0]]
   cols = [b - starts[1] for b in bounds[1] if 0 < b - starts[1] < crop.shape[1]]
-  return tiled.seam_ratio(crop, rows, cols) if rows or cols else None
+  return eval_metrics.seam_ratio(crop, rows, cols) if rows or cols else None
 
 
 def main():
@@ -120,9 +121,9 @@ def main():
   p.add_argument("--mode", help=argparse.SUPPRESS)
   p.add_argument("--tmp", type=pathlib.Path, help=argparse.SUPPRESS)
   args = p.parse_args()
-  from cdft.stylize import tiled
+  from cdft.stylize import tile_plan
   if args.size:
-    args.max_memory = tiled.parse_bytes(args.max_memory)
+    args.max_memory = tile_plan.parse_bytes(args.max_memory)
     return child(args)
 
   machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -131,8 +132,8 @@ def main():
     for size in args.sizes.split(","):
       w, h = SIZES[size] or (3840, 2160)
       for mode in args.modes.split(","):
-        if mode == "whole" and tiled.whole_image_bytes(h, w) > 0.6 * machine:
-          print(f"skipping {size} {mode}: needs ~{tiled.whole_image_bytes(h, w) / 2**30:.0f} GiB",
+        if mode == "whole" and tile_plan.whole_image_bytes(h, w) > 0.6 * machine:
+          print(f"skipping {size} {mode}: needs ~{tile_plan.whole_image_bytes(h, w) / 2**30:.0f} GiB",
                 file=sys.stderr)
           continue
         print(f"running {size} {mode} ...", file=sys.stderr, flush=True)

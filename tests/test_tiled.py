@@ -3,14 +3,15 @@ import numpy as np
 import pytest
 
 from cdft.io import images
-from cdft.stylize import cascade, tiled
+from cdft.evaluation import metrics as eval_metrics
+from cdft.stylize import cascade, tile_plan, tiled
 from cdft.weights import pretrained
 
 
 def test_windows_cover_the_axis_once_and_stay_inside():
   for n, core, halo, f in [(1000, 176, 160, 16), (1013, 176, 160, 16), (512, 240, 72, 8),
                            (300, 64, 10, 2), (100, 64, 80, 1)]:
-    wins = tiled.windows_1d(n, core, halo, f)
+    wins = tile_plan.windows_1d(n, core, halo, f)
     n_out = n // f * f
     covered = np.zeros(n_out, int)
     for w in wins:
@@ -29,10 +30,10 @@ def test_fixed_shape_plan_writes_every_output_pixel_once_from_exact_windows():
   for n, tile, halo, f, num, den in [(1000, 176, 160, 16, 1, 1), (1013, 176, 96, 16, 1, 16),
                                      (130, 11, 6, 1, 16, 1), (520, 112, 40, 8, 1, 8),
                                      (300, 512, 10, 2, 1, 1)]:
-    size, length, steps = tiled._axis_plan(n, tile, halo, f, num, den)
+    size, length, steps = tile_plan.axis_plan(n, tile, halo, f, num, den)
     n_out = (n // f) * f * num // den
     written, counted = np.zeros(n_out, bool), np.zeros(n_out, int)
-    for (start, lo, hi, src, dst), win in zip(steps, tiled.windows_1d(n, tile, halo, f)):
+    for (start, lo, hi, src, dst), win in zip(steps, tile_plan.windows_1d(n, tile, halo, f)):
       assert start == win.w0 and start + size <= n
       out_size = (size // f) * f * num // den
       # The core is counted once (statistics) and the written span lies in the
@@ -52,8 +53,8 @@ def test_fixed_shape_plan_writes_every_output_pixel_once_from_exact_windows():
 def test_halos_cover_the_receptive_fields():
   # One side of a stage-k encoder reaches sum(convs of block b * 2^(b-1)) px:
   # 1, 4, 10, 30, 70; the decoder mirrors it. Plus one pooling cell, aligned.
-  assert [tiled.encoder_halo(k) for k in range(1, 6)] == [2, 6, 16, 40, 96]
-  assert [tiled.level_halo(k) for k in range(1, 6)] == [3, 10, 24, 72, 160]
+  assert [tile_plan.encoder_halo(k) for k in range(1, 6)] == [2, 6, 16, 40, 96]
+  assert [tile_plan.level_halo(k) for k in range(1, 6)] == [3, 10, 24, 72, 160]
 
 
 def _balanced_core(n, count, f):
@@ -63,26 +64,26 @@ def _balanced_core(n, count, f):
 
 
 def _longest(n, core, halo, f):
-  return max(w.w1 - w.w0 for w in tiled.windows_1d(n, core, halo, f))
+  return max(w.w1 - w.w0 for w in tile_plan.windows_1d(n, core, halo, f))
 
 
 def test_budget_to_tiles():
-  assert tiled.parse_bytes("4G") == 4 << 30 and tiled.parse_bytes("512M") == 512 << 20
+  assert tile_plan.parse_bytes("4G") == 4 << 30 and tile_plan.parse_bytes("512M") == 512 << 20
   with pytest.raises(ValueError, match="memory size"):
-    tiled.parse_bytes("lots")
-  assert tiled.window_area_for_budget(8 << 30) > 2 * tiled.window_area_for_budget(4 << 30)
+    tile_plan.parse_bytes("lots")
+  assert tile_plan.window_area_for_budget(8 << 30) > 2 * tile_plan.window_area_for_budget(4 << 30)
   with pytest.raises(ValueError, match="too small"):
-    tiled.cores_for_budget(720 << 20, 1000, 1000, 5)
+    tile_plan.cores_for_budget(720 << 20, 1000, 1000, 5)
   # The windows (with the level's widest halo) fit the budget's area, and no
   # grid of fewer tiles would: brute force over the windows windows_1d makes.
   for budget, h, w, k in [(2 << 30, 2160, 3840, 2), (3 << 30, 2160, 3840, 5),
                           (4 << 30, 4096, 10240, 2), (1 << 30, 1013, 2000, 3),
                           (4 << 30, 10000, 10000, 5), (3 << 30, 520, 650, 1)]:
-    area, halo, f = tiled.window_area_for_budget(budget), tiled.level_halo(k), 2 ** (k - 1)
-    core_r, core_c = tiled.cores_for_budget(budget, h, w, k)
+    area, halo, f = tile_plan.window_area_for_budget(budget), tile_plan.level_halo(k), 2 ** (k - 1)
+    core_r, core_c = tile_plan.cores_for_budget(budget, h, w, k)
     assert core_r % f == 0 and core_c % f == 0
     assert _longest(h, core_r, halo, f) * _longest(w, core_c, halo, f) <= area
-    count = len(tiled.windows_1d(h, core_r, halo, f)) * len(tiled.windows_1d(w, core_c, halo, f))
+    count = len(tile_plan.windows_1d(h, core_r, halo, f)) * len(tile_plan.windows_1d(w, core_c, halo, f))
     for rows in range(1, count):
       for cols in range(1, count // rows + (count % rows > 0)):
         if rows * cols >= count:
@@ -90,8 +91,8 @@ def test_budget_to_tiles():
         cr, cc = _balanced_core(h, rows, f), _balanced_core(w, cols, f)
         assert _longest(h, cr, halo, f) * _longest(w, cc, halo, f) > area, (budget, h, w, rows, cols)
   # A UHD frame is one window at 4G; at 3G it is two full-height strips.
-  assert tiled.cores_for_budget(4 << 30, 2160, 3840, 2) == (2160, 3840)
-  assert tiled.cores_for_budget(3 << 30, 2160, 3840, 2) == (2160, 1920)
+  assert tile_plan.cores_for_budget(4 << 30, 2160, 3840, 2) == (2160, 3840)
+  assert tile_plan.cores_for_budget(3 << 30, 2160, 3840, 2) == (2160, 1920)
 
 
 @pytest.fixture(scope="module")
@@ -106,17 +107,17 @@ def setup(weights_dir, images_dir, tmp_path_factory):
 
 def _check_equal_without_seams(got, whole, tile, levels):
   assert got.shape == whole.shape
-  assert tiled.psnr(got, whole) >= 50.0
+  assert eval_metrics.psnr(got, whole) >= 50.0
   assert np.abs(got - whole).max() < 1e-2
   # No seam: the gradient across the tile boundaries of every level is the
   # whole-image gradient there (within 1%).
   rows = sorted({b for k in levels
-                 for b in tiled.tile_boundaries(520, tile, tiled.level_halo(k), 2 ** (k - 1))})
+                 for b in tile_plan.tile_boundaries(520, tile, tile_plan.level_halo(k), 2 ** (k - 1))})
   cols = sorted({b for k in levels
-                 for b in tiled.tile_boundaries(650, tile, tiled.level_halo(k), 2 ** (k - 1))})
+                 for b in tile_plan.tile_boundaries(650, tile, tile_plan.level_halo(k), 2 ** (k - 1))})
   assert rows and cols
-  r_tiled = tiled.seam_ratio(got, rows, cols)
-  r_whole = tiled.seam_ratio(whole, rows, cols)
+  r_tiled = eval_metrics.seam_ratio(got, rows, cols)
+  r_whole = eval_metrics.seam_ratio(whole, rows, cols)
   assert abs(r_tiled / r_whole - 1) < 0.01
 
 
@@ -168,7 +169,7 @@ def test_budget_tiles_in_memory_and_on_disk(setup, tmp_path):
                               temp_dir=tmp_path).stylize(content, style, levels=levels).to_array()
           for on_disk in (False, True)]
   np.testing.assert_allclose(runs[0], runs[1], atol=2e-5)
-  assert tiled.psnr(runs[0], whole) >= 50.0
+  assert eval_metrics.psnr(runs[0], whole) >= 50.0
 
 
 def test_thumbnail_statistics_approximate_the_exact_result(setup):
@@ -181,7 +182,7 @@ def test_thumbnail_statistics_approximate_the_exact_result(setup):
                                thumbnail_size=size).stylize(content, style, levels=levels)
 
   # A thumbnail as large as the image is the image: the exact result.
-  assert tiled.psnr(thumbnail_run(1024).to_array(), exact) >= 50.0
+  assert eval_metrics.psnr(thumbnail_run(1024).to_array(), exact) >= 50.0
   # A half-size thumbnail approximates it (URST's trade-off), measurably worse.
-  value = tiled.psnr(thumbnail_run(320).to_array(), exact)
+  value = eval_metrics.psnr(thumbnail_run(320).to_array(), exact)
   assert 8.0 < value < 40.0

@@ -22,6 +22,8 @@ Everything is jit-friendly: shapes decide the code path, values never do.
 """
 import functools
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -223,3 +225,30 @@ def pair_metrics(encoder, params, stylized, content, style, content_layer=4):
       "content_loss": jnp.mean(jnp.square(fs[content_layer - 1] - fc), axis=(1, 2, 3)),
       "ssim": ssim(stylized, content),
   }
+
+
+# Tiling checks (tests and launch/bench_ultra.py).
+
+
+def psnr(a, b):
+  """PSNR (dB, peak 1) of two images after clamping to [0, 1]."""
+  a = np.clip(np.asarray(a, np.float64), 0, 1)
+  b = np.clip(np.asarray(b, np.float64), 0, 1)
+  mse = np.mean((a - b) ** 2)
+  return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def seam_ratio(image, boundaries_rows, boundaries_cols):
+  """Mean |gradient| across tile boundaries over the mean |gradient| elsewhere."""
+  img = np.asarray(image, np.float64)
+  gy = np.abs(np.diff(img, axis=0)).mean(axis=(1, 2))  # gy[i]: between rows i and i+1
+  gx = np.abs(np.diff(img, axis=1)).mean(axis=(0, 2))
+  rows = [r - 1 for r in boundaries_rows if 0 < r < img.shape[0]]
+  cols = [c - 1 for c in boundaries_cols if 0 < c < img.shape[1]]
+  at = np.concatenate([gy[rows], gx[cols]])
+  mask_y = np.ones_like(gy, bool)
+  mask_y[rows] = False
+  mask_x = np.ones_like(gx, bool)
+  mask_x[cols] = False
+  away = np.concatenate([gy[mask_y], gx[mask_x]])
+  return float(at.mean() / away.mean())

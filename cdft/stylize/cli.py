@@ -52,9 +52,9 @@ def _size(text):
 
 
 def _memory(text):
-  from cdft.stylize import tiled
+  from cdft.stylize import tile_plan
   try:
-    return tiled.parse_bytes(text)
+    return tile_plan.parse_bytes(text)
   except ValueError as e:
     raise argparse.ArgumentTypeError(str(e))
 
@@ -143,11 +143,11 @@ def run(args, out=None):
   from cdft.stylize import programs
   programs.enable_compile_cache()  # before anything compiles
   from cdft.io import images
-  from cdft.stylize import cascade, tiled
+  from cdft.stylize import cascade, tile_plan, tiled
   from cdft.weights import pretrained
 
   plan = _plan(args)
-  budget = args.max_memory or tiled.default_memory_budget()
+  budget = args.max_memory or tile_plan.default_memory_budget()
   t0 = time.perf_counter()
   levels = pretrained.load_levels(args.model, args.levels, args.weights_dir)
   stylizer = cascade.Stylizer(levels)
@@ -157,7 +157,7 @@ def run(args, out=None):
   written = []
 
   def whole_image(h, w):
-    return not (args.tile or args.stats != "exact" or tiled.whole_image_bytes(h, w) > budget)
+    return not (args.tile or args.stats != "exact" or tile_plan.whole_image_bytes(h, w) > budget)
 
   def compile_ahead(index):
     """Starts compiling for the content after this one while this one runs."""

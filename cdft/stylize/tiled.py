@@ -33,7 +33,7 @@ Two ways to run a level, with the same windows and arithmetic:
   quarter of the budget (:meth:`TiledStylizer.resident_bytes`), runs the
   whole level (both passes over every tile, the statistics merge and the
   matrix) as one XLA program that scans the windows
-  (:func:`_resident_program`): the tiles reuse one set of buffers and the
+  (:func:`resident_program`): the tiles reuse one set of buffers and the
   features stay inside the program. On CPU this matters: every program
   execution pages in its temporaries afresh, and at 3840x2160 running the
   ~25 tile programs one by one took 1.5x the time of this path;
@@ -44,11 +44,7 @@ Two ways to run a level, with the same windows and arithmetic:
 ``stats_mode='thumbnail'`` replaces pass 1 by the statistics of a downsampled
 copy of the image (URST's approximation, Chen et al. AAAI 2022), for comparison.
 """
-import dataclasses
-import functools
 import math
-import os
-import tempfile
 import time
 from typing import Callable, Optional
 
@@ -57,392 +53,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cdft.models import vgg
 from cdft.stylize import wct
 from cdft.stylize.cascade import DEFAULT_LEVELS, Stylizer
-
-# Peak bytes of a level program per window pixel (float32 activations of the
-# widest full-resolution layers, their reflection-pad strips and XLA buffers),
-# measured with the 16x models on CPU, with margin; turns a memory budget into a window area.
-BYTES_PER_WINDOW_PIXEL = 420
-# Memory kept outside the windows: the interpreter, jax, weights and row bands.
-BASE_BYTES = 700 << 20
-MIN_TILE = 64
-
-
-def _conv_extent(stage):
-  """Pixels one side of a stage-k encoder's (or decoder's) output depends on."""
-  ext = 0
-  for block in range(1, stage + 1):
-    depth = 1 if block == stage else vgg.BLOCK_DEPTHS[block - 1]
-    ext += depth * 2 ** (block - 1)
-  return ext
-
-
-def _align_up(x, f):
-  return -(-x // f) * f
-
-
-def encoder_halo(stage):
-  """Context (px per side) that makes a core's relu{k}_1 features exact."""
-  f = 2 ** (stage - 1)
-  return _align_up(_conv_extent(stage) + f, f)
-
-
-def level_halo(stage):
-  """Context (px per side) that makes a core's decoded pixels exact."""
-  f = 2 ** (stage - 1)
-  return _align_up(2 * _conv_extent(stage) + f, f)
-
-
-def parse_bytes(text):
-  """'4G', '512M', '1.5GiB', '2000000' -> bytes."""
-  t = str(text).strip().upper().replace("IB", "").replace("B", "")
-  units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-  try:
-    if t and t[-1] in units:
-      return int(float(t[:-1]) * units[t[-1]])
-    return int(float(t))
-  except ValueError:
-    raise ValueError(f"not a memory size: {text!r} (use e.g. 4G or 512M)") from None
-
-
-def window_area_for_budget(budget_bytes):
-  """Window pixels (rows x columns, halos included) a memory budget allows."""
-  return max(budget_bytes - BASE_BYTES, 0) // BYTES_PER_WINDOW_PIXEL
-
-
-def _axis_split(n, count, halo, f):
-  """(core, longest window) of ``count`` balanced tiles of an ``n``-px axis (:func:`windows_1d`)."""
-  n_out = (n // f) * f
-  core = _align_up(-(-n_out // count), f)
-  if n_out <= core + 2 * halo:
-    return core, n
-  return core, core + 2 * halo + (n - n_out)
-
-
-def cores_for_budget(budget_bytes, height, width, stage):
-  """Tile cores (rows, columns) of level ``stage`` on a ``height`` x ``width`` image.
-
-  A level's memory grows with the area of its window, not with its shape: the
-  budget allows windows of :func:`window_area_for_budget` pixels. Of the grids
-  of balanced tiles whose windows (with the level's widest halo) fit that
-  area, this takes the one with the fewest tiles (then the least computed
-  area): an image that fits one window is not split, and a wide image is cut
-  into full-height strips rather than squares.
-  """
-  area = window_area_for_budget(budget_bytes)
-  halo, f = level_halo(stage), 2 ** (stage - 1)
-  if (MIN_TILE + 2 * halo) ** 2 > area:
-    raise ValueError(f"a memory budget of {budget_bytes / 2**30:.2f} GiB is too small for "
-                     f"tiling (needs a {MIN_TILE}-px tile plus {halo}-px halos)")
-  best = None
-  for rows in range(1, max(height // MIN_TILE, 1) + 1):
-    core_r, win_r = _axis_split(height, rows, halo, f)
-    if best is not None and rows > best[0]:
-      break
-    if core_r < MIN_TILE and rows > 1:
-      break
-    if win_r * min(width, MIN_TILE + 2 * halo) > area:
-      continue  # too tall for even the narrowest window
-    for cols in range(1, max(width // MIN_TILE, 1) + 1):
-      core_c, win_c = _axis_split(width, cols, halo, f)
-      if core_c < MIN_TILE and cols > 1:
-        break
-      if win_r * win_c <= area:
-        key = (rows * cols, rows * cols * win_r * win_c, (core_r, core_c))
-        best = min(best, key) if best else key
-        break
-  if best is None:  # (not reached: MIN_TILE windows fit the area)
-    raise ValueError(f"no tiling of {width}x{height} fits {budget_bytes} bytes")
-  return best[2]
-
-
-def default_memory_budget():
-  """Half of the machine's physical memory."""
-  try:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-  except (ValueError, OSError, AttributeError):
-    return 4 << 30
-
-
-def whole_image_bytes(height, width):
-  """Rough peak memory of the untiled cascade on an image of this size."""
-  return BASE_BYTES + BYTES_PER_WINDOW_PIXEL * height * width
-
-
-class ImageStore:
-  """A float32 (H, W, C) image or feature map, in memory or in a raw file read by row bands."""
-
-  def __init__(self, height, width, on_disk=False, folder=None, channels=3):
-    self.height, self.width, self.channels = height, width, channels
-    self._array = None
-    self._file = None
-    if on_disk:
-      fd, name = tempfile.mkstemp(prefix="cdft-level-", suffix=".f32", dir=folder)
-      self._file = os.fdopen(fd, "w+b")
-      os.unlink(name)  # removed by the OS when closed, even if the run is killed
-      self._file.truncate(height * width * channels * 4)
-    else:
-      self._array = np.zeros((height, width, channels), np.float32)
-
-  @classmethod
-  def holding(cls, array):
-    """An in-memory store around an (H, W, C) float32 array (not copied)."""
-    store = cls.__new__(cls)
-    store.height, store.width, store.channels = array.shape
-    store._array, store._file = array, None
-    return store
-
-  @property
-  def in_memory(self):
-    return self._array is not None
-
-  @classmethod
-  def from_array(cls, image, on_disk=False, folder=None):
-    """A store holding ``image`` (float in [0, 1], or uint8 converted band by band)."""
-    store = cls(image.shape[0], image.shape[1], on_disk, folder)
-    for r0, r1 in _bands(image.shape[0], 512):
-      rows = image[r0:r1]
-      if rows.dtype == np.uint8:
-        rows = rows.astype(np.float32) / np.float32(255.0)
-      store.write_rows(r0, np.asarray(rows, np.float32))
-    return store
-
-  def read_rows(self, r0, r1):
-    """Rows [r0, r1) as a (r1 - r0, W, 3) array."""
-    if self._array is not None:
-      return self._array[r0:r1]
-    self._file.seek(r0 * self.width * self.channels * 4)
-    data = np.fromfile(self._file, np.float32, (r1 - r0) * self.width * self.channels)
-    return data.reshape(r1 - r0, self.width, self.channels)
-
-  def write_rows(self, r0, rows):
-    if self._array is not None:
-      self._array[r0:r0 + rows.shape[0], :rows.shape[1]] = rows
-      return
-    if rows.shape[1] != self.width:
-      raise ValueError("on-disk stores are written in full rows")
-    self._file.seek(r0 * self.width * self.channels * 4)
-    np.ascontiguousarray(rows, np.float32).tofile(self._file)
-
-  def _map(self):
-    return np.memmap(self._file, np.float32, "r+", shape=(self.height, self.width, self.channels))
-
-  def read_window(self, r0, r1, c0, c1):
-    """The block [r0, r1) x [c0, c1); on disk only its pages are touched (flat memory)."""
-    if self._array is not None:
-      return self._array[r0:r1, c0:c1]
-    mapped = self._map()
-    block = _aligned_empty((r1 - r0, c1 - c0, self.channels))
-    np.copyto(block, mapped[r0:r1, c0:c1])
-    del mapped  # unmapped: the pages leave this process's resident set
-    return block
-
-  def write_window(self, r0, c0, block):
-    if self._array is not None:
-      self._array[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
-      return
-    mapped = self._map()
-    mapped[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
-    mapped.flush()
-    del mapped
-
-  def to_array(self):
-    return self.read_rows(0, self.height).copy()
-
-  def to_uint8(self, band_rows=512):
-    """The image clamped and rounded to uint8, converted band by band."""
-    out = np.empty((self.height, self.width, 3), np.uint8)
-    for r0, r1 in _bands(self.height, band_rows):
-      rows = np.nan_to_num(self.read_rows(r0, r1), nan=0.0)
-      out[r0:r1] = np.floor(np.clip(rows, 0.0, 1.0) * 255.0 + 0.5)
-    return out
-
-  def close(self):
-    if self._file is not None:
-      self._file.close()
-
-
-def _aligned_empty(shape, dtype=np.float32, alignment=64):
-  """An uninitialised array whose data starts on an ``alignment``-byte boundary."""
-  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-  raw = np.empty(nbytes + alignment, np.uint8)
-  offset = -raw.ctypes.data % alignment
-  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
-
-
-def _to_device(window):
-  """A (1, h, w, C) device array of a window; an aligned contiguous one is not copied on CPU."""
-  return jax.device_put(window[None])
-
-
-def _bands(n, size):
-  return [(a, min(a + size, n)) for a in range(0, n, size)]
-
-
-@dataclasses.dataclass(frozen=True)
-class Window:
-  """One tile along one axis: its core [c0, c1) and the window [w0, w1) it is computed in."""
-  c0: int
-  c1: int
-  w0: int
-  w1: int
-
-
-def windows_1d(n, core, halo, f=1):
-  """Tiles of one axis of ``n`` px for a level with pooling factor ``f``.
-
-  The level's output covers ``n_out = (n // f) * f`` px; the cores tile it.
-  Windows are ``core + 2 halo`` px, shifted to stay inside the image, and a
-  window that reaches ``n_out`` also takes the last ``n - n_out`` px, which the
-  whole-image encoder sees too (floor pooling drops them only after the
-  convolutions used them). So an axis has at most two window lengths.
-  """
-  n_out = (n // f) * f
-  if n_out <= core + 2 * halo:
-    return [Window(0, n_out, 0, n)]
-  count = -(-n_out // core)  # balanced: equal cores, no nearly empty last tile
-  core = _align_up(-(-n_out // count), f)
-  size = core + 2 * halo
-  out = []
-  for c0 in range(0, n_out, core):
-    c1 = min(c0 + core, n_out)
-    w0 = min(max(c0 - halo, 0), n_out - size)
-    w1 = n if w0 + size == n_out else w0 + size
-    out.append(Window(c0, c1, w0, w1))
-  return out
-
-
-@functools.lru_cache(maxsize=None)
-def _level_programs(encoder, decoder, stats_dtype):
-  """(masked stats of the encoder output, enc -> matrix -> dec) for one level."""
-
-  def stats(params, img, rows, cols, keep):
-    feat = encoder.apply(params, img)
-    h, w = feat.shape[1:3]
-    r = jnp.arange(h)
-    c = jnp.arange(w)
-    mask = ((r >= rows[0]) & (r < rows[1]))[:, None] & ((c >= cols[0]) & (c < cols[1]))[None]
-    st = wct.feature_stats(wct.flatten(feat), stats_dtype, mask=mask.reshape(-1))
-    return (st, feat) if keep else (st, None)  # unkept features are never materialised
-
-  def decode(dec_params, feat, m, b):
-    return decoder.apply(dec_params, feat, input_affine=wct.as_affine(m, b, feat.dtype))
-
-  def transform(enc_params, dec_params, img, m, b):
-    return decode(dec_params, encoder.apply(enc_params, img), m, b)
-
-  return jax.jit(stats, static_argnums=4), jax.jit(transform), jax.jit(decode)
-
-
-def _axis_plan(n, tile, halo, f, num=1, den=1):
-  """One axis of a level pass as fixed-shape loop steps (for :func:`_resident_program`).
-
-  The windows of :func:`windows_1d` in a source of ``n`` px, all given one
-  length ``size`` (the longest; every window still fits: only windows ending
-  at the output's end are longer, by the trailing remainder, and the others
-  end at least that far before ``n``). The program maps a window to ``num/den``
-  output px per source px (decoded pixels per feature cell, features per
-  pixel, ...). Each window writes ``length`` output px from ``src`` (in its
-  own output) to ``dst``: its core, except that the last, possibly shorter,
-  core is widened backwards over pixels its window also computes exactly.
-
-  Returns:
-    (size, length, rows) with rows of (start, mask_lo, mask_hi, src, dst):
-    ``[mask_lo, mask_hi)`` is the core in window output px (the statistics
-    count it once).
-  """
-  wins = windows_1d(n, tile, halo, f)
-  n_out = (n // f) * f
-  size = max(w.w1 - w.w0 for w in wins)
-  core = max(w.c1 - w.c0 for w in wins)
-  rows = []
-  for w in wins:
-    if w.w0 + size > n:
-      raise AssertionError(f"window {w} cannot take {size} px of {n}")
-    dst = min(w.c0, n_out - core)
-    rows.append((w.w0, (w.c0 - w.w0) * num // den, (w.c1 - w.w0) * num // den,
-                 (dst - w.w0) * num // den, dst * num // den))
-  return size, core * num // den, rows
-
-
-def _tile_steps(row_plan, col_plan):
-  """The (tiles, 5, 2) int32 loop inputs of every (row, column) window pair."""
-  return np.array([[r, c] for r in row_plan for c in col_plan], np.int32).transpose(0, 2, 1)
-
-
-@functools.lru_cache(maxsize=None)
-def _resident_program(level, encoder, decoder, stats_dtype, pass1, pass2):
-  """A whole level over the tiles of an image held in memory, as one XLA program.
-
-  Pass 1 (``pass1`` = (window rows, window cols, core rows, core cols, keep),
-  or None when the content statistics are given) scans the windows through
-  the encoder, returns each core's statistics and, with ``keep``, writes the
-  cores' features into one feature map; the statistics are merged, turned with
-  the style's into the WCT matrix, and pass 2 (``pass2`` = (window rows,
-  window cols, write rows, write cols, output h, output w, from features))
-  scans the windows of the features (or re-encodes the image), decodes them
-  and writes their cores into the level's output.
-
-  The same windows and arithmetic as the tile-by-tile path, but one program
-  execution per level instead of one per tile and pass: XLA reuses one
-  window's buffers for the next (no fresh memory per tile), and the features
-  never leave the program.
-  """
-
-  def encode(params, window):
-    return encoder.apply(params, window[None])[0]
-
-  def run(enc_params, dec_params, img, steps1, steps2, content_stats, style_stats,
-          style_weights, alpha):
-    zero = jnp.int32(0)  # index operands of one type (int64 literals under x64)
-    feats = img
-    if pass1 is not None:
-      size_r, size_c, core_r, core_c, keep = pass1
-      feat_shape = jax.eval_shape(encode, enc_params,
-                                  jax.ShapeDtypeStruct((size_r, size_c, 3), img.dtype)).shape
-      channels = feat_shape[-1]
-      f = 2 ** (level - 1)
-      init = (jnp.zeros((img.shape[0] // f, img.shape[1] // f, channels), img.dtype)
-              if keep else jnp.zeros((), img.dtype))
-
-      def stats_step(acc, step):
-        start, lo, hi, src, dst = step[0], step[1], step[2], step[3], step[4]
-        feat = encode(enc_params, jax.lax.dynamic_slice(
-            img, (start[0], start[1], zero), (size_r, size_c, 3)))
-        r = jnp.arange(feat.shape[0])
-        c = jnp.arange(feat.shape[1])
-        mask = (((r >= lo[0]) & (r < hi[0]))[:, None] & ((c >= lo[1]) & (c < hi[1]))[None])
-        st = wct.feature_stats(wct.flatten(feat), stats_dtype, mask=mask.reshape(-1))
-        if keep:
-          core = jax.lax.dynamic_slice(feat, (src[0], src[1], zero), (core_r, core_c, channels))
-          acc = jax.lax.dynamic_update_slice(acc, core, (dst[0], dst[1], zero))
-        return acc, st
-
-      feats, parts = jax.lax.scan(stats_step, init, steps1)
-      content_stats = wct.merge_stacked_stats(parts)
-      if not keep:
-        feats = img
-    targets = [(style_weights[i], s) for i, s in enumerate(style_stats)]
-    m, b = wct.wct_matrix(content_stats, targets, alpha)
-    size_r, size_c, len_r, len_c, out_h, out_w, from_feats = pass2
-
-    def decode_step(out, step):
-      start, src, dst = step[0], step[3], step[4]
-      window = jax.lax.dynamic_slice(feats, (start[0], start[1], zero),
-                                     (size_r, size_c, feats.shape[-1]))
-      feat = window if from_feats else encode(enc_params, window)
-      y = decoder.apply(dec_params, feat[None],
-                        input_affine=wct.as_affine(m, b, feat.dtype))[0]
-      piece = jax.lax.dynamic_slice(y, (src[0], src[1], zero), (len_r, len_c, 3))
-      return jax.lax.dynamic_update_slice(out, piece, (dst[0], dst[1], zero)), None
-
-    out = jnp.zeros((out_h, out_w, 3), img.dtype)
-    out, _ = jax.lax.scan(decode_step, out, steps2)
-    return out
-
-  return jax.jit(run)
+from cdft.stylize.tile_plan import (MIN_TILE, axis_plan, cores_for_budget, encoder_halo,
+                                    level_halo, tile_steps, windows_1d)
+from cdft.stylize.tile_programs import level_programs, resident_program
+from cdft.stylize.tile_store import ImageStore, bands, to_device
 
 
 class TiledStylizer:
@@ -476,7 +92,7 @@ class TiledStylizer:
     self.temp_dir = temp_dir
     self._channels = {}  # level -> feature channels, for resident_bytes
     self._programs = {
-        k: _level_programs(m.encoder, m.decoder, stylizer.stats_dtype)
+        k: level_programs(m.encoder, m.decoder, stylizer.stats_dtype)
         for k, m in stylizer.levels.items()}
 
   def cores(self, k, height, width):
@@ -526,7 +142,7 @@ class TiledStylizer:
     with wct.x64_scope(self.stylizer.stats_dtype):
       for rw in rows:
         for cw in cols:
-          window = _to_device(store.read_window(rw.w0, rw.w1, cw.w0, cw.w1))
+          window = to_device(store.read_window(rw.w0, rw.w1, cw.w0, cw.w1))
           r = ((rw.c0 - rw.w0) // f, (rw.c1 - rw.w0) // f)
           c = ((cw.c0 - cw.w0) // f, (cw.c1 - cw.w0) // f)
           st, feat = stats_fn(model.encoder_params, window, jnp.asarray(r), jnp.asarray(c),
@@ -640,19 +256,19 @@ class TiledStylizer:
     pass1, steps1, content_stats = None, np.zeros((0, 5, 2), np.int32), None
     tile_r, tile_c = self.cores(k, height, width)
     if self.stats_mode == "exact":
-      size_r, core_r, rows = _axis_plan(height, tile_r, encoder_halo(k), f, 1, f)
-      size_c, core_c, cols = _axis_plan(width, tile_c, encoder_halo(k), f, 1, f)
-      pass1, steps1 = (size_r, size_c, core_r, core_c, keep), _tile_steps(rows, cols)
+      size_r, core_r, rows = axis_plan(height, tile_r, encoder_halo(k), f, 1, f)
+      size_c, core_c, cols = axis_plan(width, tile_c, encoder_halo(k), f, 1, f)
+      pass1, steps1 = (size_r, size_c, core_r, core_c, keep), tile_steps(rows, cols)
     else:
       content_stats = self._thumbnail_stats(k, store)  # numpy float64, passed as is
     scale, halo = self._decode_geometry(k, keep)
     (size_r, len_r, rows), (size_c, len_c, cols) = [
-        _axis_plan(n // scale, tile // scale, halo, f // scale, scale)
+        axis_plan(n // scale, tile // scale, halo, f // scale, scale)
         for n, tile in ((height, tile_r), (width, tile_c))]
     pass2 = (size_r, size_c, len_r, len_c, (height // f) * f, (width // f) * f, keep)
-    steps2 = _tile_steps(rows, cols)
+    steps2 = tile_steps(rows, cols)
     targets = tuple(self._array_stats(k, s) for s in styles)
-    program = _resident_program(k, model.encoder, model.decoder, self.stylizer.stats_dtype,
+    program = resident_program(k, model.encoder, model.decoder, self.stylizer.stats_dtype,
                                 pass1, pass2)
     total = len(steps2)
     with wct.x64_scope(self.stylizer.stats_dtype):
@@ -701,7 +317,7 @@ class TiledStylizer:
     done, total = 0, len(rows) * len(cols)
     for rw in rows:
       for cw in cols:
-        result = np.asarray(run(_to_device(source.read_window(rw.w0, rw.w1, cw.w0, cw.w1))))
+        result = np.asarray(run(to_device(source.read_window(rw.w0, rw.w1, cw.w0, cw.w1))))
         out.write_window(rw.c0 * scale, cw.c0 * scale, result[
             0, (rw.c0 - rw.w0) * scale:(rw.c1 - rw.w0) * scale,
             (cw.c0 - cw.w0) * scale:(cw.c1 - cw.w0) * scale])
@@ -729,7 +345,7 @@ def _downsample_store(store, size):
   """A thumbnail of a stored image with longer side ``size``, read in row bands."""
   factor = max(1, math.ceil(max(store.height, store.width) / size))
   pieces = []
-  for r0, r1 in _bands(store.height, factor * 64):
+  for r0, r1 in bands(store.height, factor * 64):
     band = store.read_rows(r0, r1)
     hh = (band.shape[0] // factor) * factor
     ww = (band.shape[1] // factor) * factor
@@ -738,34 +354,3 @@ def _downsample_store(store, size):
     pieces.append(band[:hh, :ww].reshape(hh // factor, factor, ww // factor, factor, 3)
                   .mean(axis=(1, 3)))
   return np.concatenate(pieces, 0).astype(np.float32)
-
-
-def psnr(a, b):
-  """PSNR (dB, peak 1) of two images after clamping to [0, 1]."""
-  a = np.clip(np.asarray(a, np.float64), 0, 1)
-  b = np.clip(np.asarray(b, np.float64), 0, 1)
-  mse = np.mean((a - b) ** 2)
-  return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-def seam_ratio(image, boundaries_rows, boundaries_cols):
-  """Mean |gradient| across tile boundaries over the mean |gradient| elsewhere."""
-  img = np.asarray(image, np.float64)
-  gy = np.abs(np.diff(img, axis=0)).mean(axis=(1, 2))  # gy[i]: between rows i and i+1
-  gx = np.abs(np.diff(img, axis=1)).mean(axis=(0, 2))
-  rows = [r - 1 for r in boundaries_rows if 0 < r < img.shape[0]]
-  cols = [c - 1 for c in boundaries_cols if 0 < c < img.shape[1]]
-  at = np.concatenate([gy[rows], gx[cols]])
-  mask_y = np.ones_like(gy, bool)
-  mask_y[rows] = False
-  mask_x = np.ones_like(gx, bool)
-  mask_x[cols] = False
-  away = np.concatenate([gy[mask_y], gx[mask_x]])
-  return float(at.mean() / away.mean())
-
-
-def tile_boundaries(n, tile, halo, f=1):
-  """Positions where one tile's core ends and the next begins along an axis of n px."""
-  return [w.c0 for w in windows_1d(n, tile, halo, f)[1:]]
-
-
