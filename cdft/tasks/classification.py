@@ -115,6 +115,13 @@ def _eval_sums(logits, labels, mask):
           "count": jnp.sum(mask)}
 
 
+def _evaluate(module, role, params, model_state, batch):
+  """Eval-mode masked sums of the classifier ``params[role]`` on a held-out batch."""
+  logits, _ = module.apply({"params": params[role], "batch_stats": model_state[role]},
+                           batch["image"], train=False)
+  return _eval_sums(logits, batch["label"], batch["mask"])
+
+
 def _ce_and_accuracy(logits, labels):
   ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
   accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
@@ -172,10 +179,7 @@ class ClassifierTask(_Task):
 
   def evaluate(self, params, model_state, frozen, batch):
     del frozen
-    logits, _ = self.model.apply(
-        {"params": params["classifier"], "batch_stats": model_state["classifier"]},
-        batch["image"], train=False)
-    return _eval_sums(logits, batch["label"], batch["mask"])
+    return _evaluate(self.model, "classifier", params, model_state, batch)
 
 
 def paraphraser_task(config):
@@ -296,8 +300,5 @@ class StudentTask(_Task):
 
   def evaluate(self, params, model_state, frozen, batch):
     del frozen
-    logits, _ = self.student.apply(
-        {"params": params["student"], "batch_stats": model_state["student"]},
-        batch["image"], train=False)
-    return _eval_sums(logits, batch["label"], batch["mask"])
+    return _evaluate(self.student, "student", params, model_state, batch)
 
