@@ -158,3 +158,43 @@ def test_memory_budget_too_small_for_any_tile(capsys, tmp_path, images_dir, weig
                       "--weights-dir", weights_dir, "--output", tmp_path / "o.png")
   assert code == 2
   assert "too small for tiling" in err.strip().splitlines()[-1]
+
+
+# A cdft-stylize process whose JAX compile events are counted, printed as JSON.
+_COUNTED_CLI = """
+import json, sys
+from jax import monitoring
+events = {}
+monitoring.register_event_duration_secs_listener(
+    lambda name, secs, **kw: events.__setitem__(name, events.get(name, 0) + 1))
+from cdft.stylize import cli
+code = cli.main(sys.argv[1:])
+print(json.dumps({"code": code, "compiles": events.get("/jax/core/compile/backend_compile_duration", 0)}))
+"""
+
+
+def test_warmup_fills_the_cache_for_later_photos(tmp_path, images_dir, weights_dir, monkeypatch):
+  import json  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  monkeypatch.delenv("CDFT_NO_COMPILE_CACHE")
+  sizes = ["--content-size", "64", "--style-size", "64", "--levels", "2,1",
+           "--weights-dir", str(weights_dir)]
+
+  def counted(*argv):
+    proc = subprocess.run([sys.executable, "-c", _COUNTED_CLI, *argv, *sizes],
+                          capture_output=True, text=True, check=True)
+    return proc.stdout.splitlines()[:-1], json.loads(proc.stdout.splitlines()[-1])
+
+  lines, warm = counted("--warmup")
+  assert warm["code"] == 0 and warm["compiles"] > 0
+  assert lines[0].startswith("compiling ") and lines[-1].startswith("cache ready in ")
+  # A landscape and a portrait photo and a style of other shapes: nothing left to compile.
+  for content in ("content/adain_avril.jpg", "content/adain_blonde_girl.jpg"):
+    _, run = counted("--content", str(images_dir / content), "--style",
+                     str(images_dir / "style/adain_mondrian.jpg"),
+                     "--output", str(tmp_path / "out.png"))
+    assert run == {"code": 0, "compiles": 0}, content
+  monkeypatch.setenv("CDFT_NO_COMPILE_CACHE", "1")
+  with pytest.raises(SystemExit):
+    cli.main(["--content", "x.jpg"])  # --style and --output missing, and no --warmup

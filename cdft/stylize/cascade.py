@@ -355,6 +355,13 @@ class Stylizer:
       first, steps = self._plan(canvas or region, levels, canvas is not None)
     return [first] + [link for _, link in steps]
 
+  def warm_up_style(self, shape, levels=DEFAULT_LEVELS):
+    """Starts compiling the style-statistics programs for a (1, H, W, 3) style; returns futures."""
+    region, canvas = _program_shape(shape, tuple(levels))
+    with wct.x64_scope(self.stats_dtype):
+      return [self._encode_program(k, canvas or region, canvas is not None)
+              for k in dict.fromkeys(levels)]
+
   def stylize(self, content, styles, alpha=1.0, levels=DEFAULT_LEVELS, style_weights=None,
               callback: Optional[Callable[[int, float], None]] = None):
     """The cascade over ``levels`` (default 5, 4, 3, 2, 1).
@@ -464,6 +471,21 @@ _EXTENT = jax.ShapeDtypeStruct((2,), jnp.int32)  # a region's (h, w) in a canvas
 def _extent(shape, canvas):
   """The region (h, w) of an (N, h, w, C) image in a canvas, as the programs take it."""
   return None if canvas is None else np.array(shape[1:3], np.int32)
+
+
+def common_buckets(shorter_side, levels=DEFAULT_LEVELS, max_aspect=2.5):
+  """The landscape canvases of photos with this shorter side and aspect ratios 1..max_aspect.
+
+  What ``cdft-stylize --warmup`` compiles ahead: every photo resized to
+  ``shorter_side`` (portraits run transposed) falls into one of them.
+  """
+  shape = bucket_shape((1, shorter_side, shorter_side, 3), levels)
+  if shape is None:
+    return []
+  height = shape[1]
+  return [(1, height, w, 3) for w in BUCKET_SIDES
+          if height <= w <= max(height, max_aspect * shorter_side)
+          and bucket_shape((1, height, w, 3), levels) == (1, height, w, 3)]
 
 
 def _program_shape(shape, levels):

@@ -71,11 +71,11 @@ def build_parser():
       prog="cdft-stylize",
       description="Universal style transfer with WCT (levels 5->1) and the Collaborative "
                   "Distillation 16x models (or the original VGG-19).")
-  p.add_argument("--content", required=True, help="content image, or a folder of them")
-  p.add_argument("--style", required=True, nargs="+",
+  p.add_argument("--content", help="content image, or a folder of them")
+  p.add_argument("--style", nargs="+",
                  help="style image(s) (several are blended, see --style-weights), or one folder "
                       "(every content x style pair is stylized)")
-  p.add_argument("--output", required=True,
+  p.add_argument("--output",
                  help="output image (.jpg/.png/.tif), or a folder when inputs are folders")
   p.add_argument("--alpha", type=_alpha, default=1.0, help="style strength in [0, 1] (default 1)")
   p.add_argument("--levels", type=_levels, default=(5, 4, 3, 2, 1),
@@ -100,6 +100,11 @@ def build_parser():
                       "are stylized exactly in tiles sized to it (default: half the RAM)")
   p.add_argument("--tile", type=_tile, default=None,
                  help="force tiling with this tile size in px (a multiple of 16)")
+  p.add_argument("--warmup", action="store_true",
+                 help="compile ahead, into the cache, the programs of photos and styles "
+                      "resized to --content-size / --style-size (default 512) with aspect "
+                      "ratios up to 2.5, then exit: later runs of such images compile nothing "
+                      "(no --content/--style/--output needed)")
   p.add_argument("--stats", choices=("exact", "thumbnail"), default="exact",
                  help="content statistics of tiled runs: exact (whole image, default) or from a "
                       "1024-px thumbnail (URST's approximation; implies tiling)")
@@ -232,11 +237,45 @@ def _tile_progress(out, every_s=2.0):
   return progress
 
 
+def warmup(args, out=None):
+  """Compiles the common buckets' programs into the cache (``--warmup``); returns their count."""
+  out = out or sys.stdout
+  from cdft.stylize import programs
+  if programs.enable_compile_cache() is None:
+    raise CdftError("--warmup fills the compile cache, which CDFT_NO_COMPILE_CACHE=1 turns off")
+  from cdft.stylize import cascade
+  from cdft.weights import pretrained
+  start = time.perf_counter()
+  stylizer = cascade.Stylizer(pretrained.load_levels(args.model, args.levels, args.weights_dir))
+  side, style_side = args.content_size or 512, args.style_size or 512
+  futures = []
+  for shape in cascade.common_buckets(side, args.levels):
+    futures += stylizer.warm_up(shape, args.levels)
+  for shape in cascade.common_buckets(style_side, args.levels):
+    futures += stylizer.warm_up_style(shape, args.levels)
+  futures = list({id(f): f for f in futures}.values())
+  print(f"compiling {len(futures)} programs for {side}-px photos and {style_side}-px styles "
+        f"({args.model}, levels {','.join(map(str, args.levels))})", file=out, flush=True)
+  for done, future in enumerate(futures, 1):
+    future.result()
+    if done % 6 == 0 or done == len(futures):
+      print(f"  {done}/{len(futures)} programs, {time.perf_counter() - start:.1f}s",
+            file=out, flush=True)
+  print(f"cache ready in {programs.cache_root()}", file=out, flush=True)
+  return len(futures)
+
+
 def main(argv=None):
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if not args.warmup and not (args.content and args.style and args.output):
+    parser.error("--content, --style and --output are required (or give --warmup)")
   cpu_tuning.tune_xla_cpu()  # before jax starts its backend
   try:
-    run(args)
+    if args.warmup:
+      warmup(args)
+    else:
+      run(args)
   except CdftError as e:
     print(f"cdft-stylize: error: {e}", file=sys.stderr)
     return 2
