@@ -184,6 +184,7 @@ class ClassifierTask(_Task):
 
 def paraphraser_task(config):
   """``ft_paraphraser``: the paraphraser on the frozen teacher classifier's FT tap."""
+  paraphraser.check_config(config)  # before the teacher is loaded
   teacher = _Task(config)
   teacher.teacher, teacher.frozen["teacher"] = teacher._teacher(config.teacher)
 

@@ -36,6 +36,15 @@ class FeatureTap:
   probe_shape: Callable[[Any], tuple]
 
 
+def check_config(config):
+  """Raises CdftError for an unknown ``loss.reconstruction`` (before any network is loaded)."""
+  kind = config.loss.reconstruction
+  if kind not in losses.RECONSTRUCTION:
+    raise CdftError(f"config.loss.reconstruction: unknown loss {kind!r}; "
+                    f"choose from {', '.join(losses.RECONSTRUCTION)}")
+  return kind
+
+
 class ParaphraserTask:
   """Trains a :class:`~cdft.models.factor_transfer.Paraphraser` on ``tap``'s features.
 
@@ -46,10 +55,7 @@ class ParaphraserTask:
 
   def __init__(self, config, tap):
     self.config = config
-    self.kind = config.loss.reconstruction
-    if self.kind not in losses.RECONSTRUCTION:
-      raise CdftError(f"config.loss.reconstruction: unknown loss {self.kind!r}; "
-                      f"choose from {', '.join(losses.RECONSTRUCTION)}")
+    self.kind = check_config(config)
     self.tap = tap
     self.frozen = tap.frozen
     rate = float(config.paraphraser.rate)

@@ -180,6 +180,7 @@ def paraphraser_task(config):
   constant); a ``cd_student`` run with ``distill.method = 'factor_transfer'``
   reads it.
   """
+  paraphraser.check_config(config)  # before the teacher is loaded
   teacher = _StyleTask(config)
   channels = teacher.teacher_encoder.widths[teacher.stage - 1]
 
