@@ -46,7 +46,8 @@ STORE_VERSION = 1
 _SOURCE_PACKAGES = ("models", "stylize")
 
 _LOCK = threading.Lock()
-_STATE = {"store": None, "pool": None, "fingerprint": None, "machine": None}
+_STATE = {"store": None, "pool": None, "fingerprint": None, "machine": None,
+          "listening": False}
 _PROGRAMS = {}  # key -> Future of a compiled program, oldest first
 _THREAD = threading.local()  # persistent_hit: this thread's last compile came from JAX's cache
 # Compiled programs kept in memory (a folder of photos of many shapes would
@@ -79,7 +80,7 @@ def enable_compile_cache(cache_dir=None):
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   with _LOCK:
     _STATE["store"] = root / "programs"
-    if not _STATE.get("listening"):
+    if not _STATE["listening"]:
       jax.monitoring.register_event_listener(_note_persistent_hit)
       _STATE["listening"] = True
   return root

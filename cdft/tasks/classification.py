@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cdft.errors import CdftError
 from cdft import losses
-from cdft.models import factor_transfer as ft
 from cdft import weights
+from cdft.errors import CdftError
+from cdft.models import factor_transfer as ft
 from cdft.tasks import paraphraser
 
 METHODS = ("none", "kd", "fitnets", "at", "ft")

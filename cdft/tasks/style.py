@@ -24,9 +24,9 @@ import numpy as np
 
 from cdft import losses
 from cdft import models
+from cdft import weights
 from cdft.errors import CdftError
 from cdft.models import factor_transfer as ft_models
-from cdft import weights
 from cdft.tasks import paraphraser
 
 METHODS = ("collaborative", "embedding_only", "reconstruction_only", "factor_transfer")

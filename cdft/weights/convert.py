@@ -1,4 +1,4 @@
-"""From PyTorch / Torch7 tensors to Flax parameter trees, checked tensor by tensor.
+"""From PyTorch / Torch7 tensors to Flax parameter trees (checked tensor by tensor), and back.
 
 Flax module names mirror the official state-dict names (``conv11`` <-> ``conv11.weight``
 / ``conv11.bias``), so the mapping is: the weight transposed OIHW -> HWIO, the
@@ -65,6 +65,25 @@ def from_torch_state(state, abstract, source="", prefix=""):
       raise WeightError(f"{source}: tensor {key!r} has non-finite values")
     params[layer][leaf] = value
   return {"params": params}
+
+
+def to_torch_state(params):
+  """``{layer: {'kernel': HWIO, 'bias'}}`` -> ``{'layer.weight': OIHW, 'layer.bias'}``.
+
+  The inverse of :func:`from_torch_state` for the CD VGG family (plain
+  convolutions), for ``cdft-weights export``.
+  """
+  state = {}
+  for layer, leaves in params.items():
+    for leaf, value in leaves.items():
+      value = np.asarray(value, np.float32)
+      if leaf == "kernel":
+        state[f"{layer}.weight"] = np.ascontiguousarray(np.transpose(value, (3, 2, 0, 1)))
+      elif leaf == "bias":
+        state[f"{layer}.bias"] = np.ascontiguousarray(value)
+      else:
+        raise WeightError(f"no PyTorch name for the {layer}/{leaf} parameter")
+  return state
 
 
 def check_consumed(state, trees, source, prefix=""):

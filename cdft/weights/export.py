@@ -22,39 +22,20 @@ import pathlib
 import numpy as np
 
 from cdft.errors import CdftError, WeightError
-from cdft.weights import ft, torch_format
-
-
-def to_torch_state(params):
-  """``{layer: {'kernel': HWIO, 'bias'}}`` -> ``{'layer.weight': OIHW, 'layer.bias'}``.
-
-  The inverse of :func:`cdft.weights.convert.from_torch_state` for the CD VGG
-  family (plain convolutions).
-  """
-  state = {}
-  for layer, leaves in params.items():
-    for leaf, value in leaves.items():
-      value = np.asarray(value, np.float32)
-      if leaf == "kernel":
-        state[f"{layer}.weight"] = np.ascontiguousarray(np.transpose(value, (3, 2, 0, 1)))
-      elif leaf == "bias":
-        state[f"{layer}.bias"] = np.ascontiguousarray(value)
-      else:
-        raise WeightError(f"no PyTorch name for the {layer}/{leaf} parameter")
-  return state
+from cdft.weights import convert, ft, torch_format
 
 
 def _files(task, params, model_state, config):
   """``{file name: state dict}`` of what a run of ``task`` trained."""
   stage = config.get("stage")
   if task == "cd_student":
-    state = to_torch_state(params["encoder"])
-    state.update(to_torch_state(params["embedding"]))
+    state = convert.to_torch_state(params["encoder"])
+    state.update(convert.to_torch_state(params["embedding"]))
     return {f"{stage}SE.pth": state}
   if task == "cd_small_decoder":
-    return {f"{stage}SD.pth": to_torch_state(params["decoder"])}
+    return {f"{stage}SD.pth": convert.to_torch_state(params["decoder"])}
   if task == "cd_decoder":
-    return {f"{stage}BD.pth": to_torch_state(params["decoder"])}
+    return {f"{stage}BD.pth": convert.to_torch_state(params["decoder"])}
   if task in ("ft_paraphraser", "cd_paraphraser"):
     return {"Paraphraser.pth": ft.variables_to_state({"params": params["paraphraser"]})}
   if task == "classifier":
