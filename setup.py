@@ -33,8 +33,9 @@ setuptools.setup(
         "data": ["tensorflow-datasets", "array-record", "scikit-learn"],
         # Loss curves (launch/plot_metrics.py, cdft.training.plots).
         "plots": ["matplotlib"],
-        "test": ["pytest", "nbformat", "nbclient", "ipykernel", "tensorflow-datasets",
-                 "array-record", "scikit-learn", "matplotlib"],
+        # pytest-xdist: the README's test command runs 2 worker processes.
+        "test": ["pytest", "pytest-xdist", "nbformat", "nbclient", "ipykernel",
+                 "tensorflow-datasets", "array-record", "scikit-learn", "matplotlib"],
     },
     entry_points={
         "console_scripts": [
