@@ -1,5 +1,6 @@
 """The compiled-program layer: one future per program, the program store, the memory bound."""
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,10 +10,16 @@ from cdft.stylize import programs
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-  """An empty export store and program table (the XLA cache of the session is untouched)."""
+  """An empty export store and program table; JAX's persistent cache (the test
+  session's, see conftest.py) is off, so every program not in the store compiles."""
   monkeypatch.setitem(programs._STATE, "store", tmp_path / "programs")
   monkeypatch.setattr(programs, "_PROGRAMS", {})
-  return tmp_path / "programs"
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # JAX decides once whether its cache is used
+  yield tmp_path / "programs"
+  jax.config.update("jax_enable_compilation_cache", enabled)
+  compilation_cache.reset_cache()
 
 
 def _counting(traces):

@@ -80,10 +80,16 @@ def enable_compile_cache(cache_dir=None):
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   with _LOCK:
     _STATE["store"] = root / "programs"
+  _listen()
+  return root
+
+
+def _listen():
+  """Registers :func:`_note_persistent_hit` with JAX's monitoring, once per process."""
+  with _LOCK:
     if not _STATE["listening"]:
       jax.monitoring.register_event_listener(_note_persistent_hit)
       _STATE["listening"] = True
-  return root
 
 
 def _note_persistent_hit(name, **_):
@@ -203,6 +209,7 @@ def _build(key, fn, specs, x64):
     path = _executable_path(key)
     compiled = _load_executable(path)
     if compiled is None:
+      _listen()  # also when the store was set without enable_compile_cache
       exported = _exported(key, fn, specs)
       _THREAD.persistent_hit = False
       compiled = jax.jit(exported.call).lower(*specs).compile()
