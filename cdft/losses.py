@@ -7,6 +7,9 @@
 * Factor Transfer (spec ft.md): :func:`ft_loss` (mean |FT(s) - FT(t)|; the
   caller multiplies by beta, 500 in the official CIFAR-10 code) and the
   paraphraser's :func:`paraphraser_reconstruction`.
+* AdaIN (spec adain.md §3): :func:`adain_style` (pytorch-AdaIN's mean/std
+  style loss; its content loss is :func:`mse` of relu4_1) and :func:`cd_adain`
+  (the three terms of CD's AdaIN student).
 * The standard distillation baselines: :func:`kd_loss` (Hinton KD),
   :func:`hint_loss` (FitNets, with :class:`cdft.models.factor_transfer.HintRegressor`),
   :func:`attention_map` + :func:`attention_transfer_loss` (attention transfer).
@@ -20,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from cdft.errors import CdftError
+from cdft.models import adain
 
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize
 RECONSTRUCTION = ("l1", "mse")  # the paraphraser's reconstruction losses
@@ -54,6 +58,47 @@ def embedding(embedded_student, teacher_feats):
 
 
 # Factor Transfer and the distillation baselines.
+
+def adain_style(feats, style_feats):
+  """pytorch-AdaIN's style loss over relu1_1 .. relu4_1.
+
+  ``Σ_i MSE(μ_i(g), μ_i(s)) + MSE(σ_i(g), σ_i(s))`` with AdaIN's statistics
+  (:func:`cdft.models.adain.mean_std`: unbiased, eps inside the root).
+
+  Returns:
+    ``(total, terms)``: the sum and the per-layer terms.
+  """
+  if len(feats) != len(style_feats):
+    raise ValueError(f"{len(feats)} vs {len(style_feats)} feature maps")
+  terms = []
+  for f, s in zip(feats, style_feats):
+    (f_mean, f_std), (s_mean, s_std) = adain.mean_std(f), adain.mean_std(s)
+    terms.append(mse(f_mean, jax.lax.stop_gradient(s_mean)) +
+                 mse(f_std, jax.lax.stop_gradient(s_std)))
+  return sum(terms), terms
+
+
+def cd_adain(emb_content, emb_style, teacher_content, teacher_style, out_feats):
+  """The three terms of CD's AdaIN student (``TrainSE_With_AdaINDecoder2``).
+
+  Args:
+    emb_content, emb_style: the student's embedded relu1_1 .. relu4_1 (Q_i,
+      teacher widths) of the content and the style.
+    teacher_content, teacher_style: the teacher's relu1_1 .. relu4_1 of both.
+    out_feats: the teacher's features of ``sd = D(AdaIN(Q_4 c, Q_4 s))``.
+
+  Returns:
+    ``{'feat', 'content', 'style'}``: the embedding term on both images, the
+    content term against the *content image's* relu4_1 (not AdaIN's target t),
+    and :func:`adain_style` against the style. The official weights are
+    10 / 1 / 10.
+  """
+  teacher_content = jax.lax.stop_gradient(tuple(teacher_content))
+  teacher_style = jax.lax.stop_gradient(tuple(teacher_style))
+  return {"feat": perceptual(emb_content, teacher_content) + perceptual(emb_style, teacher_style),
+          "content": mse(out_feats[-1], teacher_content[-1]),
+          "style": adain_style(out_feats, teacher_style)[0]}
+
 
 def _check_same_shape(a, b, what):
   if a.shape != b.shape:

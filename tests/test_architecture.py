@@ -10,8 +10,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "cdft"
 LAYERS = {
     "cdft.errors": 0, "cdft.configlib": 0,
     "cdft.io": 1,
-    "cdft.models": 2, "cdft.losses": 2, "cdft.training": 2, "cdft.data": 2,
-    "cdft.weights": 3,
+    "cdft.models": 2, "cdft.training": 2, "cdft.data": 2,
+    "cdft.losses": 3, "cdft.weights": 3,
     "cdft.tasks": 4, "cdft.stylize": 4,
     "cdft.train": 5, "cdft.evaluation": 5,
 }

@@ -128,9 +128,13 @@ def upsample_nearest2x(x):
   return x.reshape(n, 2 * h, 2 * w, c)
 
 
-def max_pool2x2(x):
-  """2x2 max-pool, stride 2, floor mode (odd trailing rows/columns dropped)."""
-  return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+def max_pool2x2(x, ceil=False):
+  """2x2 max-pool, stride 2: floor mode drops an odd trailing row/column, ceil
+  mode (PyTorch's ``ceil_mode=True``) pools it alone."""
+  if not ceil:
+    return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+  h, w = x.shape[1:3]
+  return nn.max_pool(x, (2, 2), strides=(2, 2), padding=((0, h % 2), (0, w % 2)))
 
 
 class ReflectConv3x3(nn.Module):

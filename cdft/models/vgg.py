@@ -3,7 +3,9 @@
 One definition covers the normalized VGG-19 teacher (widths 64/128/256/512/512)
 and the 16x small students (16/32/64/128/128, 24 at conv1_1 of stage 1): a stage-k
 encoder is the VGG-19 prefix up to ``relu{k}_1``; its decoder mirrors it with
-nearest x2 upsampling. Module and parameter names follow the official PyTorch
+nearest x2 upsampling. AdaIN's networks are members of the same family
+(:func:`adain_encoder`, :func:`adain_decoder`): stage 4, with pytorch-AdaIN's
+ceil-mode pooling in its VGG and no ReLU after its decoder's last conv. Module and parameter names follow the official PyTorch
 state dicts (``conv0``, ``conv11``, ..., ``conv11_aux``) so porting is a rename-free
 transpose. Layout NHWC; inputs are RGB in [0, 1] (``conv0`` maps them to Caffe BGR).
 """
@@ -67,10 +69,14 @@ class Encoder(nn.Module):
     stage: 1..5, the last block (its relu{k}_1 is the output).
     widths: the five block widths (only the first ``stage`` are used).
     fold_conv0: fold the linear ``conv0`` into ``conv11`` (exact; faster).
+    ceil_pool: ceil-mode max-pooling (an odd side keeps its last row/column:
+      100 -> 50 -> 25 -> 13), as pytorch-AdaIN's VGG; default floor (-> 12),
+      as the WCT and CD encoders.
   """
   stage: int
   widths: Sequence[int] = VGG19_WIDTHS
   fold_conv0: bool = True
+  ceil_pool: bool = False
 
   @nn.compact
   def __call__(self, x, return_all=False, extent=None):
@@ -88,6 +94,8 @@ class Encoder(nn.Module):
       relu{k}_1, or the tuple (relu1_1, ..., relu{k}_1) if ``return_all``.
     """
     _check_stage(self.stage)
+    if self.ceil_pool and extent is not None:
+      raise ValueError("a canvas extent needs floor pooling (ceil_pool=False)")
     conv0 = layers.Conv1x1(3, 3, name="conv0")
     affine = None
     if self.fold_conv0:
@@ -97,7 +105,7 @@ class Encoder(nn.Module):
     feats = []
     for block in range(1, self.stage + 1):
       if block > 1:
-        x = layers.max_pool2x2(x)
+        x = layers.max_pool2x2(x, ceil=self.ceil_pool)
         extent = None if extent is None else jnp.right_shift(extent, 1)
       depth = 1 if block == self.stage else BLOCK_DEPTHS[block - 1]
       for i in range(1, depth + 1):
@@ -110,12 +118,14 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Stage-k decoder mirroring :class:`Encoder`, ReLU after every conv (incl. the last).
+  """Stage-k decoder mirroring :class:`Encoder`, ReLU after every conv.
 
-  The final ReLU follows the official CD code; its output is not clamped.
+  The final ReLU follows the official CD code (``final_relu=False``: none, as
+  the AdaIN decoder); the output is not clamped.
   """
   stage: int
   widths: Sequence[int] = VGG19_WIDTHS
+  final_relu: bool = True
 
   @nn.compact
   def __call__(self, x, input_affine=None, extent=None):
@@ -139,7 +149,9 @@ class Decoder(nn.Module):
       depth = 1 if block == self.stage else BLOCK_DEPTHS[block - 1]
       for i in range(depth, 0, -1):
         features = out_widths[block - 1] if i == 1 else self.widths[block - 1]
-        x = layers.ReflectConv3x3(features, name=f"conv{block}{i}")(x, input_affine, extent)
+        last = block == 1 and i == 1
+        x = layers.ReflectConv3x3(features, relu=self.final_relu or not last,
+                                  name=f"conv{block}{i}")(x, input_affine, extent)
         input_affine = None
     return x
 
@@ -149,10 +161,12 @@ class Embedding(nn.Module):
 
   Maps the student's relu{i}_1 (width ``widths[i]``) to the teacher's width, for
   i = 1..k. Names follow the released files: ``conv11_aux``, ``conv21_aux``, ...
+  ``relu=True`` adds a ReLU after each head (CD-AdaIN's ``updim_relu``).
   """
   stage: int
   widths: Sequence[int] = CD16X_WIDTHS
   teacher_widths: Sequence[int] = VGG19_WIDTHS
+  relu: bool = False
 
   @nn.compact
   def __call__(self, feats):
@@ -160,9 +174,26 @@ class Embedding(nn.Module):
     _check_stage(self.stage)
     if len(feats) != self.stage:
       raise ValueError(f"expected {self.stage} features, got {len(feats)}")
-    return tuple(
+    out = tuple(
         layers.Conv1x1(self.teacher_widths[i], self.widths[i], name=f"conv{i + 1}1_aux")(f)
         for i, f in enumerate(feats))
+    return tuple(nn.relu(f) for f in out) if self.relu else out
+
+
+def adain_encoder(preset="vgg19"):
+  """AdaIN's encoder, input -> relu4_1.
+
+  ``'vgg19'``: pytorch-AdaIN's ``vgg[:31]`` (ceil-mode pooling); ``'16x'``: CD's
+  ``SmallEncoder4_16x_aux`` without its heads (widths 16/32/64/128, floor
+  pooling; the heads are ``Embedding(stage=4)``).
+  """
+  return Encoder(stage=4, widths=stage_widths(preset, 4), ceil_pool=preset == "vgg19")
+
+
+def adain_decoder(preset="vgg19"):
+  """AdaIN's decoder, relu4_1 -> RGB (no final ReLU): pytorch-AdaIN's (``'vgg19'``,
+  512 -> 3) or the 16x small decoder mirroring the student (``'16x'``, 128 -> 3)."""
+  return Decoder(stage=4, widths=stage_widths(preset, 4), final_relu=False)
 
 
 @dataclasses.dataclass(frozen=True)
