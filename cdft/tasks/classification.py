@@ -128,6 +128,14 @@ def _ce_and_accuracy(logits, labels):
   return ce, accuracy
 
 
+def _feature_shapes(module, batch=None):
+  """Shapes of a classifier's features for one example of ``batch`` (default 32 x 32);
+  nothing is computed."""
+  image = _PROBE if batch is None else np.asarray(batch["image"][:1])
+  return jax.eval_shape(lambda: module.apply(module.init(jax.random.key(0), image), image,
+                                             train=False)[1])
+
+
 class _Task:
   """Shared pieces: the config and the held-out split."""
 
@@ -216,6 +224,10 @@ class StudentTask(_Task):
       return
     if self.method == "kd" and not 0.0 <= float(d.kd_alpha) <= 1.0:
       raise CdftError(f"config.distill.kd_alpha must be in [0, 1], got {d.kd_alpha}")
+    if self.method == "ft":  # a rate that leaves no factor fails before the teacher is loaded
+      t = config.teacher
+      ft.factor_channels(int(_feature_shapes(weights.classifier_module(
+          t.model, self.num_classes, t.widths))["ft"].shape[-1]), d.rate)
     self.teacher, self.frozen["teacher"] = self._teacher(config.teacher)
     t_feats = self._teacher_shapes()
     s_feats = self._student_shapes()
@@ -234,9 +246,7 @@ class StudentTask(_Task):
       self.head = ft.HintRegressor(int(t_feats[d.hint_layer].shape[-1]), kernel_size=3)
 
   def _student_shapes(self, batch=None):
-    image = _PROBE if batch is None else np.asarray(batch["image"][:1])
-    return jax.eval_shape(lambda: self.student.apply(
-        self.student.init(jax.random.key(0), image), image, train=False)[1])
+    return _feature_shapes(self.student, batch)
 
   def init(self, rng, batch):
     _check_labels(batch, self.num_classes, "task 'ft_student'")
