@@ -70,6 +70,14 @@ def _process_layout(process_index, process_count):
   return int(process_index), int(process_count)
 
 
+def _local_batch(batch_size, process_count, what):
+  """This process's share of a global batch of ``batch_size`` (``what``: its name)."""
+  if batch_size % process_count:
+    raise CdftError(f"{what} {batch_size} is not divisible by the number of processes "
+                    f"{process_count}")
+  return batch_size // process_count
+
+
 def _check_int(name, value, low):
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
     raise CdftError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -169,10 +177,8 @@ class TrainIterator(_BatchIterator):
     self.seed = _check_int("seed", seed, 0)
     self.step = _check_int("start_step", start_step, 0)
     self.process_index, self.process_count = _process_layout(process_index, process_count)
-    if self.global_batch_size % self.process_count:
-      raise CdftError(f"global batch size {self.global_batch_size} is not divisible by "
-                      f"the number of processes {self.process_count}")
-    self.local_batch_size = self.global_batch_size // self.process_count
+    self.local_batch_size = _local_batch(self.global_batch_size, self.process_count,
+                                         "global batch size")
     super().__init__(source, preprocess_fn, num_threads, prefetch)
     self.steps_per_epoch = max(1, self.num_examples // self.global_batch_size)
     self._next_submit = self.step
@@ -248,10 +254,7 @@ class EvalIterator(_BatchIterator):
                process_count=None, num_threads=DEFAULT_THREADS, prefetch=2):
     self.batch_size = _check_int("batch_size", batch_size, 1)
     self.process_index, self.process_count = _process_layout(process_index, process_count)
-    if self.batch_size % self.process_count:
-      raise CdftError(f"eval batch size {self.batch_size} is not divisible by the "
-                      f"number of processes {self.process_count}")
-    self.local_batch_size = self.batch_size // self.process_count
+    self.local_batch_size = _local_batch(self.batch_size, self.process_count, "eval batch size")
     super().__init__(source, preprocess_fn, num_threads, prefetch)
     self.num_batches = math.ceil(self.num_examples / self.batch_size)
     self._next_batch = 0
