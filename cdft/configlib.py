@@ -57,9 +57,9 @@ def trainer_defaults(config):
   config.optimizer.weight_decay = 0.0  # Coupled L2 (PyTorch weight_decay) on all params.
 
   config.schedule = ml_collections.ConfigDict()  # Learning-rate schedule.
-  config.schedule.name = "constant"  # 'constant' | 'piecewise' | 'cosine'.
+  config.schedule.name = "constant"  # 'constant' | 'piecewise' | 'cosine' | 'inverse_time'.
   config.schedule.boundaries = ()  # Epochs at which 'piecewise' multiplies the rate ...
-  config.schedule.decay = 0.1  # ... by this factor.
+  config.schedule.decay = 0.1  # ... by this factor ('inverse_time': lr / (1 + decay * step)).
 
   config.mesh = (("data", -1),)  # Device mesh (axis, size); -1 = all devices. Data parallel.
   config.log_every = 50  # Steps between metric lines (JSONL + console).
@@ -96,6 +96,32 @@ def cd_runlocal(config, total_steps):
   config.input.manual_dir = "../shared/images/content"  # Real photos beside the repo.
   config.input.pp.shorter_side = 144  # Smaller images ...
   config.input.pp.crop = 128  # ... and crops.
+  config.log_every = 10  # More frequent progress.
+  config.checkpoint_every = 100  # Resume points.
+  return config
+
+
+def adain_input(manual_dir):
+  """``config.input`` / ``config.style_input`` of pytorch-AdaIN: 512 x 512, random 256 crop."""
+  inp = images_input(manual_dir)
+  inp.preprocess = "adain_train"  # pytorch-AdaIN: Resize((512, 512)) then RandomCrop(256).
+  inp.pp = ml_collections.ConfigDict()  # Keyword arguments of the preprocessing.
+  inp.pp.size = 512  # Square resize (aspect ratio not kept).
+  inp.pp.crop = 256  # Random square crop (a multiple of 8).
+  return inp
+
+
+def adain_runlocal(config, total_steps):
+  """The ``runlocal`` variant of an AdaIN config: ../shared contents x styles, 2 CPU cores."""
+  config.batch_size = 8  # Fits 2 CPU cores.
+  config.total_steps = total_steps  # A few minutes of CPU.
+  for inp, folder in ((config.input, "content"), (config.style_input, "style")):
+    inp.manual_dir = f"../shared/images/{folder}"  # Real photos / artworks beside the repo.
+    if inp.preprocess == "adain_train":
+      inp.pp.size = 160  # Smaller images ...
+    else:
+      inp.pp.shorter_side = 144  # Smaller images ...
+    inp.pp.crop = 128  # ... and crops (a multiple of 8).
   config.log_every = 10  # More frequent progress.
   config.checkpoint_every = 100  # Resume points.
   return config

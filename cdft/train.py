@@ -83,6 +83,30 @@ def make_input(input_cfg, *, global_batch_size, seed, start_step, train=True):
       process_count=jax.process_count())
 
 
+class _WithStyles:
+  """The content batches with a style batch beside each (``batch['style']``).
+
+  Both iterators are deterministic in the step (so a resumed run sees the same
+  pairs); epochs and example counts are the content's, the style folder simply
+  cycles at its own length.
+  """
+
+  def __init__(self, content, styles):
+    self.content, self.styles = content, styles
+    self.steps_per_epoch = content.steps_per_epoch
+    self.num_examples = content.num_examples
+
+  @property
+  def skipped(self):
+    return self.content.skipped + self.styles.skipped
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return dict(next(self.content), style=next(self.styles)["image"])
+
+
 def total_steps(config, steps_per_epoch):
   """``config.total_steps`` if positive, else ``config.num_epochs`` epochs."""
   if config.total_steps > 0:
@@ -156,6 +180,9 @@ def run(config, workdir, stream=None):
   start_step = checkpointing.latest_step(workdir) or 0
   data = make_input(config.input, global_batch_size=config.batch_size, seed=config.seed,
                     start_step=start_step)
+  if config.get("style_input"):  # AdaIN: a batch of style images beside each content batch
+    data = _WithStyles(data, make_input(config.style_input, global_batch_size=config.batch_size,
+                                        seed=config.seed + 1, start_step=start_step))
   steps_per_epoch = max(data.steps_per_epoch, 1)
   checkpoint_every = interval_steps(config, "checkpoint_every", steps_per_epoch)
   eval_every = interval_steps(config, "eval_every", steps_per_epoch)

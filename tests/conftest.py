@@ -104,7 +104,7 @@ def write_small_photos(images_dir):
 # The files whose tests take longest (seconds, measured on 2 cores), run first:
 # under `pytest -n 2 --dist loadfile` (the README's command) each file goes to
 # one worker, and starting the long ones first keeps both workers busy to the end.
-_LONG_FILES = ("test_ft_train.py", "test_cascade.py", "test_tiled.py", "test_train.py",
+_LONG_FILES = ("test_ft_train.py", "test_adain_train.py", "test_cascade.py", "test_tiled.py", "test_train.py",
                "test_cd_factor_transfer.py", "test_stylize_cli.py", "test_evaluation.py")
 
 

@@ -14,6 +14,9 @@ Ops (registry names for ``get_preprocess``):
     (eval) ``crop`` x ``crop`` (256) square, random horizontal flip (train), RGB
     in [0, 1]. Random numbers are drawn in this order: crop top, crop left,
     flip.
+  adain_train: pytorch-AdaIN (adain.md section 3): resize to ``size`` x
+    ``size`` (512, the aspect ratio not kept; torchvision's default bilinear),
+    then a random ``crop`` (256) square, no flip. Draws crop top, crop left.
   cifar_train / cifar_eval: the official Factor Transfer CIFAR pipeline
     (ft.md section 2.2): zero-pad 4, random 32 x 32 crop, random horizontal
     flip (train), then ``(x - mean) / std`` per channel of x in [0, 1].
@@ -101,6 +104,22 @@ def cd_eval(image, rng=None, *, shorter_side=300, crop=256, resample="bicubic",
   return np.ascontiguousarray(as_float(rgb[top:top + crop, left:left + crop]))
 
 
+def adain_train(image, rng, *, size=512, crop=256, resample="bilinear", min_side=1):
+  """pytorch-AdaIN's training crop: a ``size`` x ``size`` resize, then a random square crop.
+
+  Returns:
+    float32 (crop, crop, 3), RGB in [0, 1].
+  """
+  rgb = to_rgb(image)
+  height, width = rgb.shape[:2]
+  if min(height, width) < min_side:
+    raise ImageError(f"{width}x{height} px is smaller than min_side={min_side}")
+  rgb = resize(rgb, (size, size), resample)
+  top = int(rng.integers(0, size - crop + 1))
+  left = int(rng.integers(0, size - crop + 1))
+  return np.ascontiguousarray(as_float(rgb[top:top + crop, left:left + crop]))
+
+
 def _normalizer(stats, mean, std):
   if stats not in CIFAR_STATS:
     raise CdftError(f"unknown CIFAR statistics {stats!r}; use one of {', '.join(CIFAR_STATS)}")
@@ -162,6 +181,7 @@ def cifar_eval(image, rng=None, *, stats="cifar10", mean=None, std=None, **unuse
 _OPS = {
     "cd_train": cd_train,
     "cd_eval": cd_eval,
+    "adain_train": adain_train,
     "cifar_train": cifar_train,
     "cifar_eval": cifar_eval,
 }
@@ -178,7 +198,7 @@ def get_preprocess(name, **kwargs):
   """The preprocessing function registered as ``name``, bound to ``kwargs``.
 
   Args:
-    name: one of 'cd_train', 'cd_eval', 'cifar_train', 'cifar_eval'.
+    name: one of 'cd_train', 'cd_eval', 'adain_train', 'cifar_train', 'cifar_eval'.
     **kwargs: keyword arguments of that op (e.g. ``shorter_side``, ``crop``).
 
   Returns:
@@ -205,13 +225,16 @@ def get_preprocess(name, **kwargs):
 
 def _validate(name, kwargs):
   """Checks argument values once, so a bad config fails before training."""
-  for key in ("crop", "shorter_side", "pad", "min_side"):
+  for key in ("crop", "size", "shorter_side", "pad", "min_side"):
     if key in kwargs and kwargs[key] is not None:
       value = kwargs[key]
       low = 1 if key == "crop" else 0
       if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
           or value < low):
         raise CdftError(f"{name}: {key} must be an integer >= {low}, got {value!r}")
+  if name == "adain_train" and kwargs.get("crop", 256) > kwargs.get("size", 512):
+    raise CdftError(f"{name}: crop {kwargs.get('crop', 256)} is larger than the resized "
+                    f"size {kwargs.get('size', 512)}")
   if "resample" in kwargs:
     resample_filter(kwargs["resample"])
   if name.startswith("cifar"):

@@ -23,8 +23,11 @@ def make_schedule(schedule_cfg, base_lr, steps_per_epoch, total_steps):
     return optax.piecewise_constant_schedule(base_lr, boundaries)
   if name == "cosine":
     return optax.cosine_decay_schedule(base_lr, max(total_steps, 1))
+  if name == "inverse_time":  # pytorch-AdaIN: lr / (1 + decay * step), per iteration
+    decay = float(schedule_cfg.decay)
+    return lambda step: base_lr / (1.0 + decay * step)
   raise CdftError(f"config.schedule.name: unknown schedule {name!r} "
-                  "(constant | piecewise | cosine)")
+                  "(constant | piecewise | cosine | inverse_time)")
 
 
 def make_optimizer(opt_cfg, schedule):

@@ -75,11 +75,15 @@ def find_files(weights_dir):
                     "pytorch-AdaIN's released files (see the README)")
 
 
+def load_file(path, kind):
+  """The ``{'params': ...}`` tree of one file: ``kind`` 'encoder' (vgg_normalised.pth
+  layout) or 'decoder' (decoder.pth layout)."""
+  state = torch_format.state_dict(torch_format.load(path), path)
+  build = encoder_from_state if kind == "encoder" else decoder_from_state
+  return build(state, str(path))
+
+
 def load(weights_dir):
   """``(encoder, decoder)`` ``{'params': ...}`` trees of pytorch-AdaIN's released files."""
   vgg_file, decoder_file = find_files(weights_dir)
-  encoder = encoder_from_state(torch_format.state_dict(torch_format.load(vgg_file), vgg_file),
-                               str(vgg_file))
-  decoder = decoder_from_state(
-      torch_format.state_dict(torch_format.load(decoder_file), decoder_file), str(decoder_file))
-  return encoder, decoder
+  return load_file(vgg_file, "encoder"), load_file(decoder_file, "decoder")

@@ -8,6 +8,8 @@ the one place that turns it into parameters, for every task and for
 * a model-zoo entry: ``'cd16x'`` / ``'cd16x_base'`` (the released 16x
   students and decoders / their pruned initialisations), ``'released'`` (the
   official FT paraphraser);
+* ``'adain'``: pytorch-AdaIN's released ``vgg_normalised.pth`` / ``decoder.pth``
+  under ``<weights dir>/adain/`` (AdaIN's stage-4 VGG-19 encoder and decoder);
 * a file: a normalized VGG-19 ``.msgpack`` (``cdft-weights normalize-vgg``), a
   ``.t7`` of the original WCT release, a PyTorch ``.pth``/``.pt``;
 * the workdir of an earlier cdft training run (its checkpoint's network of
@@ -164,6 +166,8 @@ def _vgg_network(spec, kind, stage, preset, seed=0, weights_dir=None):
     if kind not in trees:
       raise CdftError(f"{spec!r} has no {kind} weights")
     return _unwrap(trees[kind])
+  if spec == "adain" or str(spec).endswith(".pth"):
+    return _adain_network(spec, kind, stage, preset, weights_dir)
   path = _expand(spec)
   if path.is_dir():
     return _workdir_params(path, kind, f"the {kind}")
@@ -184,6 +188,25 @@ def _vgg_network(spec, kind, stage, preset, seed=0, weights_dir=None):
       return _t7_decoder(stage, path)
   raise CdftError(f"{path}: cannot load a {kind} from a {path.suffix or 'suffix-less'} file "
                   "(.msgpack, .t7, 'random', 'cd16x', 'cd16x_base' or a workdir)")
+
+
+def _adain_network(spec, kind, stage, preset, weights_dir):
+  """pytorch-AdaIN's released VGG / decoder: ``'adain'`` (``<weights dir>/adain/``) or a
+  ``.pth`` file of either layout."""
+  from cdft.weights import adain  # pylint: disable=import-outside-toplevel
+  if (stage, preset) != (4, "vgg19") or kind == "embedding":
+    raise CdftError(f"{spec}: pytorch-AdaIN's files hold the VGG-19 relu4_1 encoder and its "
+                    f"decoder (stage 4, preset vgg19), not a stage-{stage} {preset} {kind}")
+  if spec != "adain":
+    path = _expand(spec)
+    if not path.is_file():
+      raise CdftError(f"{spec}: no such weights file")
+    return _unwrap(adain.load_file(path, kind))
+  root = weights_dir or os.environ.get("CDFT_WEIGHTS_DIR")
+  if not root:
+    raise CdftError("'adain' weights need a weights folder (config.weights_dir, --weights-dir "
+                    "or CDFT_WEIGHTS_DIR) holding adain/vgg_normalised.pth and adain/decoder.pth")
+  return _unwrap(adain.load_file(adain.find_files(root)[kind == "decoder"], kind))
 
 
 def _t7_decoder(stage, path):
