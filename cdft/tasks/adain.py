@@ -64,6 +64,12 @@ class _AdaINTask:
     """E_1..E_4 of ``x``: constants of the loss (the gradient flows only through ``x``)."""
     return self.encoder.apply({"params": frozen["encoder"]}, x, return_all=True)
 
+  def _decoder_init(self, rng, preset):
+    """The trained decoder's start (``config.init``) at ``preset`` widths."""
+    params = weights.resolve(self.config.init, "decoder", stage=STAGE, preset=preset,
+                             seed=_seed(rng), weights_dir=self.weights_dir)
+    return {"params": {"decoder": params}, "model_state": {}}
+
   def _weighted(self, terms):
     w = self.config.loss
     total = sum(float(w[name]) * value for name, value in terms.items())
@@ -79,9 +85,7 @@ class DecoderTask(_AdaINTask):
 
   def init(self, rng, batch):
     del batch
-    params = weights.resolve(self.config.init, "decoder", stage=STAGE, preset="vgg19",
-                             seed=_seed(rng), weights_dir=self.weights_dir)
-    return {"params": {"decoder": params}, "model_state": {}}
+    return self._decoder_init(rng, "vgg19")
 
   def loss(self, params, model_state, frozen, batch, rng):
     del rng
@@ -145,9 +149,7 @@ class SmallDecoderTask(_AdaINTask):
 
   def init(self, rng, batch):
     del batch
-    params = weights.resolve(self.config.init, "decoder", stage=STAGE, preset="16x",
-                             seed=_seed(rng), weights_dir=self.weights_dir)
-    return {"params": {"decoder": params}, "model_state": {}}
+    return self._decoder_init(rng, "16x")
 
   def loss(self, params, model_state, frozen, batch, rng):
     del rng
