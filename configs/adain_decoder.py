@@ -31,6 +31,7 @@ def get_config(arg=None):
 
   config.teacher = ml_collections.ConfigDict()  # The frozen encoder E (cdft.weights.resolve).
   config.teacher.encoder = configlib.DEFAULT_TEACHER_VGG  # .msgpack | 'adain' | .pth | 'random'.
+  config.teacher.preset = "vgg19"  # E's widths: 'vgg19' (the method) | '16x' (a narrow stand-in).
 
   config.init = "random"  # Decoder init: 'random' | 'adain' | decoder.pth | workdir.
 

@@ -33,6 +33,7 @@ def get_config(arg=None):
 
   config.teacher = ml_collections.ConfigDict()  # The frozen loss network E.
   config.teacher.encoder = configlib.DEFAULT_TEACHER_VGG  # .msgpack | 'adain' | 'random'.
+  config.teacher.preset = "vgg19"  # E's widths: 'vgg19' (the method) | '16x' (a narrow stand-in).
 
   config.student = ml_collections.ConfigDict()  # The frozen 16x student.
   config.student.encoder = "random"  # SE: adain_student workdir | 'random'.

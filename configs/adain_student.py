@@ -29,6 +29,7 @@ def get_config(arg=None):
 
   config.teacher = ml_collections.ConfigDict()  # Frozen networks (cdft.weights.resolve).
   config.teacher.encoder = configlib.DEFAULT_TEACHER_VGG  # E: .msgpack | 'adain' | 'random'.
+  config.teacher.preset = "vgg19"  # E's widths: 'vgg19' (the method) | '16x' (a narrow stand-in).
   config.teacher.decoder = "adain"  # D: adain_decoder workdir | 'adain' | .pth | 'random'.
 
   config.student = ml_collections.ConfigDict()  # The trained 16x student.

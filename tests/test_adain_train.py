@@ -40,6 +40,7 @@ def tiny(config, folders, data_dir):
   config.log_every = 1
   config.checkpoint_every = 2
   config.teacher.encoder = "random"
+  config.teacher.preset = "16x"  # a narrow E: the test compiles 3 train steps, not the VGG's
   return config
 
 
@@ -63,14 +64,14 @@ def test_the_three_steps_train_resume_and_chain(folders, tmp_path):
   dec = tiny(load_config("adain_decoder", "runlocal"), folders, data_dir)
   out = _train_and_resume(dec, tmp_path / "decoder", ("content", "style"))
   assert set(out["params"]) == {"decoder"}
-  assert out["params"]["decoder"]["conv11"]["kernel"].shape == (3, 3, 64, 3)
+  assert out["params"]["decoder"]["conv11"]["kernel"].shape == (3, 3, 16, 3)  # 16x preset
 
   student = tiny(load_config("adain_student", "runlocal"), folders, data_dir)
   student.teacher.decoder = str(tmp_path / "decoder")  # the step-1 run
   student.student.updim_relu = True
   out = _train_and_resume(student, tmp_path / "student", ("feat", "content", "style"))
   assert set(out["params"]) == {"encoder", "embedding"}
-  assert out["params"]["embedding"]["conv41_aux"]["kernel"].shape == (1, 1, 128, 512)
+  assert out["params"]["embedding"]["conv41_aux"]["kernel"].shape == (1, 1, 128, 128)
   task = tasks.get_task(student)
   trained_decoder, _ = checkpointing.restore_params(tmp_path / "decoder")
   for a, b in zip(jax.tree.leaves(task.frozen["decoder"]), jax.tree.leaves(trained_decoder)):
@@ -124,7 +125,10 @@ def test_bad_adain_configs_fail_in_one_line(folders, tmp_path):
   with pytest.raises(CdftError, match="config.input.pp.crop must be a multiple of 8"):
     tasks.get_task(c)
   c = tiny(load_config("adain_student", "runlocal"), folders, tmp_path)
-  c.teacher.decoder = "adain"
+  c.teacher.encoder = c.teacher.decoder = "adain"
+  with pytest.raises(CdftError, match="pytorch-AdaIN's files hold the VGG-19 relu4_1 encoder"):
+    tasks.get_task(c)  # the test's narrow 16x teacher
+  c.teacher.preset = "vgg19"
   c.weights_dir = str(tmp_path)
   with pytest.raises(CdftError, match="no adain/vgg_normalised.pth and adain/decoder.pth"):
     tasks.get_task(c)

@@ -24,6 +24,7 @@ Crops must be multiples of 8, so that ceil and floor pooling agree and a
 decoded image has the input's size (the original code asserts the same).
 """
 import jax
+import numpy as np
 
 from cdft import losses
 from cdft import weights
@@ -55,10 +56,11 @@ class _AdaINTask:
     _check_crops(config)
     self.config = config
     self.weights_dir = config.get("weights_dir") or None
-    self.encoder = vgg.adain_encoder("vgg19")
+    self.preset = config.teacher.preset  # E's widths (and the AdaIN decoder's)
+    self.encoder = vgg.adain_encoder(self.preset)
     self.frozen = {"encoder": weights.resolve(
-        config.teacher.encoder, "encoder", stage=STAGE, preset="vgg19", seed=config.seed + 101,
-        weights_dir=self.weights_dir)}
+        config.teacher.encoder, "encoder", stage=STAGE, preset=self.preset,
+        seed=config.seed + 101, weights_dir=self.weights_dir)}
 
   def _feats(self, frozen, x):
     """E_1..E_4 of ``x``: constants of the loss (the gradient flows only through ``x``)."""
@@ -81,11 +83,11 @@ class DecoderTask(_AdaINTask):
 
   def __init__(self, config):
     super().__init__(config)
-    self.decoder = vgg.adain_decoder("vgg19")
+    self.decoder = vgg.adain_decoder(self.preset)
 
   def init(self, rng, batch):
     del batch
-    return self._decoder_init(rng, "vgg19")
+    return self._decoder_init(rng, self.preset)
 
   def loss(self, params, model_state, frozen, batch, rng):
     del rng
@@ -103,12 +105,13 @@ class StudentTask(_AdaINTask):
 
   def __init__(self, config):
     super().__init__(config)
-    self.teacher_decoder = vgg.adain_decoder("vgg19")
+    self.teacher_decoder = vgg.adain_decoder(self.preset)
     self.frozen["decoder"] = weights.resolve(
-        config.teacher.decoder, "decoder", stage=STAGE, preset="vgg19", seed=config.seed + 102,
-        weights_dir=self.weights_dir)
+        config.teacher.decoder, "decoder", stage=STAGE, preset=self.preset,
+        seed=config.seed + 102, weights_dir=self.weights_dir)
     self.student = vgg.adain_encoder("16x")
     self.embedding = vgg.Embedding(stage=STAGE, widths=vgg.stage_widths("16x", STAGE),
+                                   teacher_widths=vgg.stage_widths(self.preset, STAGE),
                                    relu=bool(config.student.updim_relu))
 
   def init(self, rng, batch):
@@ -117,7 +120,9 @@ class StudentTask(_AdaINTask):
     s = self.config.student
     encoder = weights.resolve(s.init, "encoder", stage=STAGE, preset="16x", seed=seed,
                               teacher=self.frozen["encoder"], weights_dir=self.weights_dir)
-    embedding = weights.resolve("random", "embedding", stage=STAGE, preset="16x", seed=seed + 1)
+    # The heads Q_i start fresh (PyTorch's default init), mapping to E's widths.
+    probe = tuple(np.zeros((1, 1, 1, w), np.float32) for w in self.embedding.widths[:STAGE])
+    embedding = jax.device_get(self.embedding.init(jax.random.key(seed + 1), probe)["params"])
     return {"params": {"encoder": encoder, "embedding": embedding}, "model_state": {}}
 
   def _embedded(self, params, x):
