@@ -48,11 +48,25 @@ CIFAR_STATS = {
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # Plain [0, 1] values.
 }
 
-def _resize_for_crop(image, shorter_side, crop, resample, min_side):
+def _checked_rgb(image, min_side):
   rgb = to_rgb(image)
   height, width = rgb.shape[:2]
   if min(height, width) < min_side:
     raise ImageError(f"{width}x{height} px is smaller than min_side={min_side}")
+  return rgb
+
+
+def _random_crop(rgb, crop, rng):
+  """A random ``crop`` x ``crop`` square; draws its top, then its left."""
+  height, width = rgb.shape[:2]
+  top = int(rng.integers(0, height - crop + 1))
+  left = int(rng.integers(0, width - crop + 1))
+  return rgb[top:top + crop, left:left + crop]
+
+
+def _resize_for_crop(image, shorter_side, crop, resample, min_side):
+  rgb = _checked_rgb(image, min_side)
+  height, width = rgb.shape[:2]
   target = max(shorter_side or 0, crop)  # Upscale (more) if the crop would not fit.
   if shorter_side or min(height, width) < crop:
     rgb = resize(rgb, resized_size(width, height, target), resample)
@@ -78,11 +92,7 @@ def cd_train(image, rng, *, shorter_side=300, crop=256, flip=True, resample="bic
   Returns:
     float32 (crop, crop, 3), RGB in [0, 1].
   """
-  rgb = _resize_for_crop(image, shorter_side, crop, resample, min_side)
-  height, width = rgb.shape[:2]
-  top = int(rng.integers(0, height - crop + 1))
-  left = int(rng.integers(0, width - crop + 1))
-  out = rgb[top:top + crop, left:left + crop]
+  out = _random_crop(_resize_for_crop(image, shorter_side, crop, resample, min_side), crop, rng)
   if flip and rng.random() < 0.5:
     out = out[:, ::-1]
   return np.ascontiguousarray(as_float(out))
@@ -110,14 +120,8 @@ def adain_train(image, rng, *, size=512, crop=256, resample="bilinear", min_side
   Returns:
     float32 (crop, crop, 3), RGB in [0, 1].
   """
-  rgb = to_rgb(image)
-  height, width = rgb.shape[:2]
-  if min(height, width) < min_side:
-    raise ImageError(f"{width}x{height} px is smaller than min_side={min_side}")
-  rgb = resize(rgb, (size, size), resample)
-  top = int(rng.integers(0, size - crop + 1))
-  left = int(rng.integers(0, size - crop + 1))
-  return np.ascontiguousarray(as_float(rgb[top:top + crop, left:left + crop]))
+  rgb = resize(_checked_rgb(image, min_side), (size, size), resample)
+  return np.ascontiguousarray(as_float(_random_crop(rgb, crop, rng)))
 
 
 def _normalizer(stats, mean, std):
@@ -232,9 +236,10 @@ def _validate(name, kwargs):
       if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
           or value < low):
         raise CdftError(f"{name}: {key} must be an integer >= {low}, got {value!r}")
-  if name == "adain_train" and kwargs.get("crop", 256) > kwargs.get("size", 512):
-    raise CdftError(f"{name}: crop {kwargs.get('crop', 256)} is larger than the resized "
-                    f"size {kwargs.get('size', 512)}")
+  if name == "adain_train":
+    crop, size = kwargs.get("crop", 256), kwargs.get("size", 512)  # adain_train's defaults
+    if crop > size:
+      raise CdftError(f"{name}: crop {crop} is larger than the resized size {size}")
   if "resample" in kwargs:
     resample_filter(kwargs["resample"])
   if name.startswith("cifar"):
