@@ -80,7 +80,6 @@ def enable_compile_cache(cache_dir=None):
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   with _LOCK:
     _STATE["store"] = root / "programs"
-  _listen()
   return root
 
 
@@ -209,7 +208,7 @@ def _build(key, fn, specs, x64):
     path = _executable_path(key)
     compiled = _load_executable(path)
     if compiled is None:
-      _listen()  # also when the store was set without enable_compile_cache
+      _listen()  # before the compile whose cache hit it must see
       exported = _exported(key, fn, specs)
       _THREAD.persistent_hit = False
       compiled = jax.jit(exported.call).lower(*specs).compile()
