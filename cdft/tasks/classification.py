@@ -224,12 +224,13 @@ class StudentTask(_Task):
       return
     if self.method == "kd" and not 0.0 <= float(d.kd_alpha) <= 1.0:
       raise CdftError(f"config.distill.kd_alpha must be in [0, 1], got {d.kd_alpha}")
-    if self.method == "ft":  # a rate that leaves no factor fails before the teacher is loaded
-      t = config.teacher
-      ft.factor_channels(int(_feature_shapes(weights.classifier_module(
-          t.model, self.num_classes, t.widths))["ft"].shape[-1]), d.rate)
+    # The teacher's feature shapes from its architecture alone: a rate that
+    # leaves no factor fails before the teacher is loaded.
+    t = config.teacher
+    t_feats = _feature_shapes(weights.classifier_module(t.model, self.num_classes, t.widths))
+    if self.method == "ft":
+      ft.factor_channels(int(t_feats["ft"].shape[-1]), d.rate)
     self.teacher, self.frozen["teacher"] = self._teacher(config.teacher)
-    t_feats = self._teacher_shapes()
     s_feats = self._student_shapes()
     if self.method == "ft":
       self.paraphraser, self.frozen["paraphraser"] = weights.resolve(

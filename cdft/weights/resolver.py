@@ -187,7 +187,8 @@ def _vgg_network(spec, kind, stage, preset, seed=0, weights_dir=None):
       # The decoder file is read against the stage's encoder shapes only.
       return _t7_decoder(stage, path)
   raise CdftError(f"{path}: cannot load a {kind} from a {path.suffix or 'suffix-less'} file "
-                  "(.msgpack, .t7, 'random', 'cd16x', 'cd16x_base' or a workdir)")
+                  "(.msgpack, .t7, 'random', 'cd16x', 'cd16x_base', 'adain' or .pth "
+                  "(pytorch-AdaIN), or a workdir)")
 
 
 def _adain_network(spec, kind, stage, preset, weights_dir):
