@@ -39,7 +39,7 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
-            "cdft-stylize=cdft.stylize.cli:main",
+            "cdft-stylize=cdft.stylize.cli:entry",
             "cdft-weights=cdft.weights.cli:main",
         ],
     },

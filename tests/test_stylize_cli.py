@@ -198,3 +198,25 @@ def test_warmup_fills_the_cache_for_later_photos(tmp_path, images_dir, weights_d
   monkeypatch.setenv("CDFT_NO_COMPILE_CACHE", "1")
   with pytest.raises(SystemExit):
     cli.main(["--content", "x.jpg"])  # --style and --output missing, and no --warmup
+
+
+def test_command_exits_promptly_with_every_output_written(tmp_path, images_dir, weights_dir):
+  # The installed command (cli.entry) leaves through os._exit on success: the
+  # output file and every progress line must be complete; a failure still
+  # exits normally with its message and code.
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  out_file = tmp_path / "out.png"
+  argv = [sys.executable, "-m", "cdft.stylize.cli", "--style", str(images_dir / STYLE),
+          "--content-size", "64", "--style-size", "64", "--levels", "2,1",
+          "--weights-dir", str(weights_dir)]
+  proc = subprocess.run(argv + ["--content", str(images_dir / CONTENT), "--output", str(out_file)],
+                        capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.splitlines()
+  assert lines[-1].startswith(f"    wrote {out_file} (102x64)"), proc.stdout
+  assert np.asarray(Image.open(out_file)).shape == (64, 102, 3)
+  proc = subprocess.run(argv + ["--content", str(tmp_path / "missing.jpg"), "--output",
+                                str(tmp_path / "o2.png")], capture_output=True, text=True)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().startswith("cdft-stylize: error:") and "missing.jpg" in proc.stderr

@@ -9,6 +9,7 @@ Examples::
 """
 import argparse
 import itertools
+import os
 import pathlib
 import sys
 import time
@@ -285,5 +286,23 @@ def main(argv=None):
   return 0
 
 
+def entry():
+  """The ``cdft-stylize`` command: :func:`main`, then a prompt exit.
+
+  Once every output is written (and every compiled program stored), a
+  successful process leaves without tearing the interpreter down: freeing the
+  JAX runtime, its loaded programs and the modules took 0.4-0.5 s, a fifth of
+  a 512x512 photo's whole process. Failures exit normally.
+  """
+  code = main()
+  if code == 0:
+    from cdft.stylize import programs  # pylint: disable=import-outside-toplevel
+    programs.wait_all()  # nothing left half-written (in practice all are done)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # pylint: disable=protected-access
+  sys.exit(code)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  entry()

@@ -227,6 +227,13 @@ def _pool():
   return _STATE["pool"]
 
 
+def wait_all():
+  """Waits for every program this process started to build (and store)."""
+  with _LOCK:
+    futures = list(_PROGRAMS.values())
+  concurrent.futures.wait(futures)
+
+
 def compile_async(name, fn, args, static=()):
   """A future of ``fn`` compiled for the shapes and dtypes of ``args``.
 
