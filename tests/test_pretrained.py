@@ -37,7 +37,7 @@ def test_wrong_file_names_file_and_tensor(stage, file, message, weights_dir):
 
 def test_converted_cache_is_used(weights_dir, tmp_path, monkeypatch):
   first = pretrained.load_cd16x(2, weights_dir, tmp_path)
-  assert list((tmp_path / "converted").glob("*.msgpack"))
+  assert list((tmp_path / "converted").glob("*.npz"))
 
   def no_parsing(*args, **kwargs):
     raise AssertionError("the PyTorch file was parsed again")

@@ -160,7 +160,8 @@ def test_memory_budget_too_small_for_any_tile(capsys, tmp_path, images_dir, weig
   assert "too small for tiling" in err.strip().splitlines()[-1]
 
 
-# A cdft-stylize process whose JAX compile events are counted, printed as JSON.
+# A cdft-stylize process whose JAX compile events are counted, printed as JSON
+# with whether it imported Flax (a run on a warm cache builds no module).
 _COUNTED_CLI = """
 import json, sys
 from jax import monitoring
@@ -169,7 +170,8 @@ monitoring.register_event_duration_secs_listener(
     lambda name, secs, **kw: events.__setitem__(name, events.get(name, 0) + 1))
 from cdft.stylize import cli
 code = cli.main(sys.argv[1:])
-print(json.dumps({"code": code, "compiles": events.get("/jax/core/compile/backend_compile_duration", 0)}))
+print(json.dumps({"code": code, "compiles": events.get("/jax/core/compile/backend_compile_duration", 0),
+                  "flax": "flax" in sys.modules}))
 """
 
 
@@ -187,14 +189,14 @@ def test_warmup_fills_the_cache_for_later_photos(tmp_path, images_dir, weights_d
     return proc.stdout.splitlines()[:-1], json.loads(proc.stdout.splitlines()[-1])
 
   lines, warm = counted("--warmup")
-  assert warm["code"] == 0 and warm["compiles"] > 0
+  assert warm["code"] == 0 and warm["compiles"] > 0 and warm["flax"]
   assert lines[0].startswith("compiling ") and lines[-1].startswith("cache ready in ")
   # A landscape and a portrait photo and a style of other shapes: nothing left to compile.
   for content in ("content/adain_avril.jpg", "content/adain_blonde_girl.jpg"):
     _, run = counted("--content", str(images_dir / content), "--style",
                      str(images_dir / "style/adain_mondrian.jpg"),
                      "--output", str(tmp_path / "out.png"))
-    assert run == {"code": 0, "compiles": 0}, content
+    assert run == {"code": 0, "compiles": 0, "flax": False}, content
   monkeypatch.setenv("CDFT_NO_COMPILE_CACHE", "1")
   with pytest.raises(SystemExit):
     cli.main(["--content", "x.jpg"])  # --style and --output missing, and no --warmup

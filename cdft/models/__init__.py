@@ -3,31 +3,32 @@
 ``get_model(name, stage=k, preset=...)`` builds the stage-k module; the names are
 the ones configs and checkpoints refer to. ``get_classifier(name, num_classes)``
 builds the CIFAR classifiers of the Factor Transfer experiments.
+
+The modules (and Flax) are imported on first use: :mod:`cdft.models.family`,
+the family's data, is importable alone (a warm ``cdft-stylize`` needs no more).
 """
-from cdft.models import resnet, vgg
+import importlib
 
-_REGISTRY = {
-    "encoder": vgg.Encoder,
-    "decoder": vgg.Decoder,
-    "embedding": vgg.Embedding,
-}
+_REGISTRY = ("encoder", "decoder", "embedding")  # -> vgg.Encoder, vgg.Decoder, vgg.Embedding
+_CLASSIFIERS = ("resnet20", "resnet32", "resnet56", "resnet110", "wrn_16_2", "wrn_40_1",
+                "wrn_40_2")  # functions of cdft.models.resnet
+_SUBMODULES = ("adain", "factor_transfer", "family", "initializers", "layers", "norm", "resnet",
+               "vgg")
 
-_CLASSIFIERS = {
-    "resnet20": resnet.resnet20,
-    "resnet32": resnet.resnet32,
-    "resnet56": resnet.resnet56,
-    "resnet110": resnet.resnet110,
-    "wrn_16_2": resnet.wrn_16_2,
-    "wrn_40_1": resnet.wrn_40_1,
-    "wrn_40_2": resnet.wrn_40_2,
-}
+
+def __getattr__(name):  # ``models.vgg`` etc. after ``from cdft import models``
+  if name in _SUBMODULES:
+    return importlib.import_module(f"cdft.models.{name}")
+  raise AttributeError(f"module 'cdft.models' has no attribute {name!r}")
 
 
 def get_model(name, stage, preset="vgg19", **kwargs):
   """Builds registry model ``name`` for ``stage`` with the widths of ``preset``."""
   if name not in _REGISTRY:
     raise ValueError(f"unknown model {name!r}; choose from {sorted(_REGISTRY)}")
-  return _REGISTRY[name](stage=stage, widths=vgg.stage_widths(preset, stage), **kwargs)
+  from cdft.models import vgg  # pylint: disable=import-outside-toplevel
+  module = getattr(vgg, name.capitalize())
+  return module(stage=stage, widths=vgg.stage_widths(preset, stage), **kwargs)
 
 
 def get_classifier(name, num_classes, **kwargs):
@@ -38,4 +39,5 @@ def get_classifier(name, num_classes, **kwargs):
   """
   if name not in _CLASSIFIERS:
     raise ValueError(f"unknown classifier {name!r}; choose from {sorted(_CLASSIFIERS)}")
-  return _CLASSIFIERS[name](num_classes=num_classes, **kwargs)
+  from cdft.models import resnet  # pylint: disable=import-outside-toplevel
+  return getattr(resnet, name)(num_classes=num_classes, **kwargs)

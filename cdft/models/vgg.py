@@ -9,7 +9,6 @@ ceil-mode pooling in its VGG and no ReLU after its decoder's last conv. Module a
 state dicts (``conv0``, ``conv11``, ..., ``conv11_aux``) so porting is a rename-free
 transpose. Layout NHWC; inputs are RGB in [0, 1] (``conv0`` maps them to Caffe BGR).
 """
-import dataclasses
 from typing import Sequence
 
 import flax.linen as nn
@@ -17,49 +16,10 @@ import jax.numpy as jnp
 
 from cdft.models import layers
 
-# 3x3 convolutions per VGG-19 block.
-BLOCK_DEPTHS = (2, 2, 4, 4, 4)
-VGG19_WIDTHS = (64, 128, 256, 512, 512)
-CD16X_WIDTHS = (16, 32, 64, 128, 128)
-CD16X_STAGE1_WIDTH = 24
-
-WIDTH_PRESETS = {"vgg19": VGG19_WIDTHS, "16x": CD16X_WIDTHS}
-
-
-def stage_widths(preset, stage):
-  """Block widths of the stage-``stage`` network of a preset ('vgg19' or '16x').
-
-  The 16x stage-1 encoder/decoder alone uses 24 filters at conv1_1 (as released).
-  """
-  if preset not in WIDTH_PRESETS:
-    raise ValueError(f"unknown width preset {preset!r}; choose from {sorted(WIDTH_PRESETS)}")
-  widths = WIDTH_PRESETS[preset]
-  if preset == "16x" and stage == 1:
-    widths = (CD16X_STAGE1_WIDTH,) + widths[1:]
-  return tuple(widths)
-
-
-def _check_stage(stage):
-  if stage not in (1, 2, 3, 4, 5):
-    raise ValueError(f"stage must be 1..5, got {stage}")
-
-
-def encoder_layer_names(stage):
-  """Conv names of a stage-k encoder in forward order (without conv0)."""
-  names = []
-  for block in range(1, stage + 1):
-    depth = 1 if block == stage else BLOCK_DEPTHS[block - 1]
-    names += [f"conv{block}{i}" for i in range(1, depth + 1)]
-  return names
-
-
-def decoder_layer_names(stage):
-  """Conv names of a stage-k decoder in forward order (deepest first)."""
-  names = []
-  for block in range(stage, 0, -1):
-    depth = 1 if block == stage else BLOCK_DEPTHS[block - 1]
-    names += [f"conv{block}{i}" for i in range(depth, 0, -1)]
-  return names
+from cdft.models.family import (  # noqa: F401  (the family's data, re-exported)
+    BLOCK_DEPTHS, CD16X_STAGE1_WIDTH, CD16X_WIDTHS, VGG19_WIDTHS, WIDTH_PRESETS, LevelModel,
+    decoder_layer_names, encoder_layer_names, stage_widths)
+from cdft.models.family import check_stage as _check_stage
 
 
 class Encoder(nn.Module):
@@ -194,12 +154,3 @@ def adain_decoder(preset="vgg19"):
   """AdaIN's decoder, relu4_1 -> RGB (no final ReLU): pytorch-AdaIN's (``'vgg19'``,
   512 -> 3) or the 16x small decoder mirroring the student (``'16x'``, 128 -> 3)."""
   return Decoder(stage=4, widths=stage_widths(preset, 4), final_relu=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class LevelModel:
-  """The encoder/decoder pair of one WCT level (relu{k}_1) and their parameters."""
-  encoder: nn.Module
-  decoder: nn.Module
-  encoder_params: dict
-  decoder_params: dict

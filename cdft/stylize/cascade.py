@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cdft.io import files
-from cdft.models.vgg import LevelModel  # noqa: F401  (re-exported as cascade.LevelModel)
+from cdft.models.family import LevelModel  # noqa: F401  (re-exported as cascade.LevelModel)
 from cdft.stylize import programs, wct
 
 DEFAULT_LEVELS = (5, 4, 3, 2, 1)

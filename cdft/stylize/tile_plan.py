@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from cdft.models import vgg
+from cdft.models import family
 
 
 # Peak bytes of a level program per window pixel (float32 activations of the
@@ -28,7 +28,7 @@ def _conv_extent(stage):
   """Pixels one side of a stage-k encoder's (or decoder's) output depends on."""
   ext = 0
   for block in range(1, stage + 1):
-    depth = 1 if block == stage else vgg.BLOCK_DEPTHS[block - 1]
+    depth = 1 if block == stage else family.BLOCK_DEPTHS[block - 1]
     ext += depth * 2 ** (block - 1)
   return ext
 

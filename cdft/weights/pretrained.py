@@ -1,26 +1,51 @@
 """Loading pretrained models: the released CD 16x students, their pruned initialisations
 and the original WCT VGG-19 (Torch7) models, as Flax parameter trees.
 
-Converted trees are cached as Flax msgpack files next to the zoo cache, keyed by
-the source file's SHA-256, so a second load does not parse the PyTorch pickle again.
+Converted trees are cached as ``.npz`` files (no pickle) next to the zoo cache,
+keyed by the source file's SHA-256, so a second load does not parse the PyTorch
+pickle again. Loading from that cache imports neither Flax nor the modules: the
+levels' networks are :class:`~cdft.models.family.ModuleSpec`, built only if a
+program has to be traced.
 """
+import io
 import os
 import pathlib
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from cdft import models
 from cdft.errors import WeightError
 from cdft.io import files
-from cdft.models import vgg
-from cdft.weights import convert, torch_format, zoo
+from cdft.models import family
+from cdft.weights import convert, zoo
 
 # Bump when the conversion changes, so stale converted caches are not reused.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: .npz files (1: Flax msgpack)
 # Spatial size of the dummy input used to derive parameter shapes.
 _PROBE = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)  # abstract: no device op at import
+
+
+def _flatten(tree, prefix=""):
+  """{'a': {'b': x}} -> {'a/b': x} (keys must not contain '/')."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}/"))
+    else:
+      flat[f"{prefix}{key}"] = np.asarray(value)
+  return flat
+
+
+def _unflatten(flat):
+  tree = {}
+  for key, value in flat.items():
+    *path, leaf = key.split("/")
+    node = tree
+    for part in path:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
 
 
 def _cached(source, tag, build, cache_dir=None):
@@ -28,22 +53,26 @@ def _cached(source, tag, build, cache_dir=None):
   if os.environ.get("CDFT_NO_CONVERTED_CACHE"):
     return build()
   digest = zoo.file_sha256(source)[:20]
-  path = zoo.converted_cache_dir(cache_dir) / f"{tag}-v{CONVERSION_VERSION}-{digest}.msgpack"
+  path = zoo.converted_cache_dir(cache_dir) / f"{tag}-v{CONVERSION_VERSION}-{digest}.npz"
   if path.exists():
     try:
-      return flax.serialization.msgpack_restore(path.read_bytes())
+      with np.load(path, allow_pickle=False) as data:
+        return _unflatten({k: data[k] for k in data.files})
     except Exception:  # a damaged cache entry is rebuilt, never trusted
       path.unlink(missing_ok=True)
   tree = build()
   try:
+    buffer = io.BytesIO()
+    np.savez(buffer, **_flatten(tree))
     with files.atomic_open(path) as f:
-      f.write(flax.serialization.msgpack_serialize(tree))
+      f.write(buffer.getvalue())
   except OSError:
     pass  # read-only cache: conversion still works, just not cached
   return tree
 
 
 def _student_abstract(stage):
+  from cdft import models  # pylint: disable=import-outside-toplevel
   enc = models.get_model("encoder", stage, "16x")
   enc_abs = convert.abstract_params(enc, _PROBE)
   feats = jax.eval_shape(
@@ -60,6 +89,7 @@ def convert_student_files(stage, encoder_file, decoder_file):
   Returns:
     dict with ``encoder``, ``embedding`` and ``decoder`` param trees (numpy).
   """
+  from cdft.weights import torch_format  # pylint: disable=import-outside-toplevel
   enc_abs, emb_abs, dec_abs = _student_abstract(stage)
   out = {}
   if encoder_file is not None:
@@ -98,26 +128,27 @@ def load_vgg19_t7(stage, encoder_file, decoder_file=None):
   Returns:
     dict with ``encoder`` (and ``decoder``) param trees (numpy).
   """
+  from cdft import models  # pylint: disable=import-outside-toplevel
   from cdft.weights import t7  # only this model family needs the Torch7 reader
 
   enc = models.get_model("encoder", stage, "vgg19")
   enc_abs = convert.abstract_params(enc, _PROBE)
   out = {"encoder": convert.from_sequential_convs(
       t7.sequential_convs(encoder_file), enc_abs,
-      ["conv0"] + vgg.encoder_layer_names(stage), str(encoder_file))}
+      ["conv0"] + family.encoder_layer_names(stage), str(encoder_file))}
   if decoder_file is not None:
     feat = jax.eval_shape(lambda p, x: enc.apply({"params": p}, x), enc_abs, _PROBE)
     dec_abs = convert.abstract_params(models.get_model("decoder", stage, "vgg19"), feat)
     out["decoder"] = convert.from_sequential_convs(
-        t7.sequential_convs(decoder_file), dec_abs, vgg.decoder_layer_names(stage),
+        t7.sequential_convs(decoder_file), dec_abs, family.decoder_layer_names(stage),
         str(decoder_file))
   return out
 
 
 def _level_model(preset, stage, trees):
-  return vgg.LevelModel(
-      encoder=models.get_model("encoder", stage, preset),
-      decoder=models.get_model("decoder", stage, preset),
+  return family.LevelModel(
+      encoder=family.ModuleSpec("encoder", stage, preset),
+      decoder=family.ModuleSpec("decoder", stage, preset),
       encoder_params=convert.to_device(trees["encoder"]),
       decoder_params=convert.to_device(trees["decoder"]))
 
