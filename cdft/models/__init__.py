@@ -8,16 +8,15 @@ The modules (and Flax) are imported on first use: :mod:`cdft.models.family`,
 the family's data, is importable alone (a warm ``cdft-stylize`` needs no more).
 """
 import importlib
+import pkgutil
 
-_REGISTRY = ("encoder", "decoder", "embedding")  # -> vgg.Encoder, vgg.Decoder, vgg.Embedding
+_REGISTRY = {"encoder": "Encoder", "decoder": "Decoder", "embedding": "Embedding"}  # in vgg
 _CLASSIFIERS = ("resnet20", "resnet32", "resnet56", "resnet110", "wrn_16_2", "wrn_40_1",
                 "wrn_40_2")  # functions of cdft.models.resnet
-_SUBMODULES = ("adain", "factor_transfer", "family", "initializers", "layers", "norm", "resnet",
-               "vgg")
 
 
 def __getattr__(name):  # ``models.vgg`` etc. after ``from cdft import models``
-  if name in _SUBMODULES:
+  if name in {m.name for m in pkgutil.iter_modules(__path__)}:
     return importlib.import_module(f"cdft.models.{name}")
   raise AttributeError(f"module 'cdft.models' has no attribute {name!r}")
 
@@ -27,7 +26,7 @@ def get_model(name, stage, preset="vgg19", **kwargs):
   if name not in _REGISTRY:
     raise ValueError(f"unknown model {name!r}; choose from {sorted(_REGISTRY)}")
   from cdft.models import vgg  # pylint: disable=import-outside-toplevel
-  module = getattr(vgg, name.capitalize())
+  module = getattr(vgg, _REGISTRY[name])
   return module(stage=stage, widths=vgg.stage_widths(preset, stage), **kwargs)
 
 

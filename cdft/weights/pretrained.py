@@ -7,7 +7,6 @@ pickle again. Loading from that cache imports neither Flax nor the modules: the
 levels' networks are :class:`~cdft.models.family.ModuleSpec`, built only if a
 program has to be traced.
 """
-import io
 import os
 import pathlib
 
@@ -62,10 +61,8 @@ def _cached(source, tag, build, cache_dir=None):
       path.unlink(missing_ok=True)
   tree = build()
   try:
-    buffer = io.BytesIO()
-    np.savez(buffer, **_flatten(tree))
     with files.atomic_open(path) as f:
-      f.write(buffer.getvalue())
+      np.savez(f, **_flatten(tree))
   except OSError:
     pass  # read-only cache: conversion still works, just not cached
   return tree
