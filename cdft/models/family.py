@@ -84,6 +84,13 @@ class ModuleSpec:
     return f"ModuleSpec({self.name!r}, {self.stage}, {self.preset!r}{args})"
 
 
+def ceil_pool(encoder):
+  """Whether an encoder (a module or a :class:`ModuleSpec`) pools in ceil mode, unbuilt."""
+  if isinstance(encoder, ModuleSpec):
+    return bool(encoder.kwargs.get("ceil_pool", False))
+  return bool(getattr(encoder, "ceil_pool", False))
+
+
 @dataclasses.dataclass(frozen=True)
 class LevelModel:
   """The encoder/decoder pair of one WCT level (relu{k}_1) and their parameters.

@@ -128,6 +128,13 @@ def upsample_nearest2x(x):
   return x.reshape(n, 2 * h, 2 * w, c)
 
 
+def zero_outside(x, extent):
+  """``x`` (N, H, W, C) with zeros beyond the region ``[:extent[0], :extent[1]]``."""
+  rows = jax.lax.iota(jnp.int32, x.shape[1]) < extent[0]
+  cols = jax.lax.iota(jnp.int32, x.shape[2]) < extent[1]
+  return jnp.where((rows[:, None] & cols[None, :])[None, :, :, None], x, 0)
+
+
 def max_pool2x2(x, ceil=False):
   """2x2 max-pool, stride 2: floor mode drops an odd trailing row/column, ceil
   mode (PyTorch's ``ceil_mode=True``) pools it alone."""

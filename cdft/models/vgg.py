@@ -48,14 +48,13 @@ class Encoder(nn.Module):
       extent: optional traced (2,) int32 ``(h, w)``: ``x`` is a canvas holding
         the image in ``[:h, :w]`` (sides multiples of 2^(k-1)); the features
         are then exact on the region ``[:h // 2^(b-1), :w // 2^(b-1)]`` of
-        block b (floor pooling), and unspecified outside it.
+        block b (floor pooling; ceil pooling: rounded up), and unspecified
+        outside it.
 
     Returns:
       relu{k}_1, or the tuple (relu1_1, ..., relu{k}_1) if ``return_all``.
     """
     _check_stage(self.stage)
-    if self.ceil_pool and extent is not None:
-      raise ValueError("a canvas extent needs floor pooling (ceil_pool=False)")
     conv0 = layers.Conv1x1(3, 3, name="conv0")
     affine = None
     if self.fold_conv0:
@@ -65,8 +64,15 @@ class Encoder(nn.Module):
     feats = []
     for block in range(1, self.stage + 1):
       if block > 1:
+        if extent is not None and self.ceil_pool:
+          # Ceil mode pools a region's odd last row (column) alone. The
+          # features are ReLU outputs (>= 0), so zeroing the canvas beyond the
+          # region makes the canvas's 2x2 pool exactly that.
+          x = layers.zero_outside(x, extent)
+          extent = jnp.right_shift(extent + 1, 1)
+        elif extent is not None:
+          extent = jnp.right_shift(extent, 1)
         x = layers.max_pool2x2(x, ceil=self.ceil_pool)
-        extent = None if extent is None else jnp.right_shift(extent, 1)
       depth = 1 if block == self.stage else BLOCK_DEPTHS[block - 1]
       for i in range(1, depth + 1):
         x = layers.ReflectConv3x3(self.widths[block - 1], name=f"conv{block}{i}")(

@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cdft.io import files
+from cdft.models import family
 from cdft.models.family import LevelModel  # noqa: F401  (re-exported as cascade.LevelModel)
-from cdft.stylize import programs, wct
+from cdft.stylize import programs, transfer, wct
 
 DEFAULT_LEVELS = (5, 4, 3, 2, 1)
 
@@ -61,8 +62,11 @@ def bucket_shape(shape, levels=DEFAULT_LEVELS):
   return (n, hc, wc, c) if hc * wc <= BUCKET_MAX_PIXELS else None
 
 
-def _shift(extent, k):
-  """``extent // 2^(k-1)`` of a non-negative traced int32 (a shift: no division sign logic)."""
+def _shift(extent, k, ceil=False):
+  """``extent // 2^(k-1)`` (rounded up with ``ceil``: ceil-mode pooling) of a
+  non-negative traced int32 (a shift: no division sign logic)."""
+  if ceil:
+    extent = extent + (2 ** (k - 1) - 1)
   return jnp.right_shift(extent, k - 1)
 
 
@@ -82,17 +86,20 @@ def _encode_fn(encoder, stats_dtype):
 
   def encode(enc_params, img, extent=None):
     cf = encoder.apply(enc_params, img, extent=extent)
-    mask = None if extent is None else _region_mask(cf.shape, _shift(extent, encoder.stage))
+    mask = None if extent is None else _region_mask(
+        cf.shape, _shift(extent, encoder.stage, family.ceil_pool(encoder)))
     return cf, tuple(wct.feature_stats(wct.flatten(cf), stats_dtype, mask=mask))
 
   return encode
 
 
-def _link_fn(decoder, encoder, stats_dtype):
+def _link_fn(decoder, encoder, stats_dtype, ceil=False):
   """Decode a level, then (unless ``encoder`` is None) encode its output for the next level.
 
   One program where the cascade goes from one level to the next, so a
   cascade of n levels is n + 1 programs per image shape (or bucket).
+  ``ceil``: the level's encoder pools in ceil mode (its features' region
+  rounds up).
   """
   encode = None if encoder is None else _encode_fn(encoder, stats_dtype)
 
@@ -100,7 +107,7 @@ def _link_fn(decoder, encoder, stats_dtype):
     # WCT is the affine map f @ M.T + b: folded into the decoder's first conv.
     # ``extent``: the region of the level's input image in a canvas (or None).
     k = decoder.stage
-    feat = None if extent is None else _shift(extent, k)
+    feat = None if extent is None else _shift(extent, k, ceil)
     img = decoder.apply(dec_params, cf, input_affine=wct.as_affine(m, b, cf.dtype), extent=feat)
     if encode is None:
       return img
@@ -146,15 +153,28 @@ class Stylizer:
   of a new shape compile concurrently on a thread pool, later levels while
   earlier ones run.
 
+  The feature transform is WCT, or AdaIN (``method='adain'``, with the one
+  level 4 of an AdaIN encoder/decoder pair): both are an affine map of the
+  features computed on the host from the same statistics
+  (:mod:`cdft.stylize.transfer`), so both run on the same programs.
+
+  A level whose encoder pools in ceil mode (pytorch-AdaIN's VGG) decodes a
+  side that is not a multiple of 2^(k-1) to the next multiple (100 -> 104 at
+  relu4_1, as the official code); the output is that image's top-left crop at
+  the input's size (only a last level may pool in ceil mode).
+
   Args:
     levels: level number -> :class:`LevelModel`.
     stats_dtype: dtype of the WCT statistics and eigendecomposition; default
       float64 on CPU/GPU, float32 on TPU.
+    method: ``'wct'`` or ``'adain'``.
   """
 
-  def __init__(self, levels, stats_dtype=None):
+  def __init__(self, levels, stats_dtype=None, method="wct"):
     self.levels = dict(levels)
     self.stats_dtype = np.dtype(stats_dtype or wct.stats_dtype_for_backend())
+    transfer.matrix_fn(method)  # an unknown method fails here
+    self.method = method
     self._param_digests = {}  # level -> hash of its encoder (the style cache's key)
     self._transposed = None  # the parameters for portrait images, made when first needed
 
@@ -162,11 +182,20 @@ class Stylizer:
     m = self.levels[k]
     return (repr(m.encoder), repr(m.decoder), str(self.stats_dtype))
 
+  def _ceil(self, k):
+    return family.ceil_pool(self.levels[k].encoder)
+
+  def _region_after(self, k, shape):
+    """The region level k returns for an input region ``shape`` (ceil: cropped to it)."""
+    return tuple(shape) if self._ceil(k) else level_output_shape(k, shape)
+
   def _check(self, content, styles, style_weights, levels):
     """Validates a call; returns the style weights (default: equal)."""
     missing = [k for k in levels if k not in self.levels]
     if missing:
       raise ValueError(f"level {missing[0]} is not loaded (have {sorted(self.levels)})")
+    if any(self._ceil(k) for k in levels[:-1]):
+      raise ValueError("an encoder with ceil-mode pooling can only run as the last level")
     for x in (content,) + tuple(styles):
       if x.ndim != 4 or x.shape[0] != 1 or x.shape[-1] != 3:
         raise ValueError(f"images must be (1, H, W, 3), got {tuple(x.shape)}")
@@ -267,9 +296,12 @@ class Stylizer:
   def _feature_spec(self, k, shape):
     """Level k's features (relu{k}_1) for an input ``shape``."""
     f = 2 ** (k - 1)
-    return jax.ShapeDtypeStruct(
-        (shape[0], shape[1] // f, shape[2] // f, feature_channels(self.levels[k], k)),
-        jnp.float32)
+    if self._ceil(k):
+      h, w = -(-shape[1] // f), -(-shape[2] // f)
+    else:
+      h, w = shape[1] // f, shape[2] // f
+    return jax.ShapeDtypeStruct((shape[0], h, w, feature_channels(self.levels[k], k)),
+                                jnp.float32)
 
   def _stats_spec(self, k):
     """Level k's feature statistics ``(mean, cov, count)``."""
@@ -292,7 +324,8 @@ class Stylizer:
     mean, cov, _ = self._stats_spec(k)  # the WCT map (M, b) has the shapes of (cov, mean)
     return programs.compile_async(
         f"cascade.link{k}to{nxt}",
-        _link_fn(dec.decoder, None if enc is None else enc.encoder, self.stats_dtype),
+        _link_fn(dec.decoder, None if enc is None else enc.encoder, self.stats_dtype,
+                 self._ceil(k)),
         (dec.decoder_params, self._feature_spec(k, shape), cov, mean,
          None if enc is None else enc.encoder_params, _EXTENT if canvas else None),
         (self._static(k), None if nxt is None else self._static(nxt)))
@@ -314,7 +347,7 @@ class Stylizer:
   def _matrix(self, k, content_stats, style, alpha):
     """Level k's WCT map (M, b), on the host: a C x C eigenproblem, nothing to compile."""
     targets = list(zip(style.weights, style.stats[k]))
-    return wct.host_matrix(content_stats, targets, alpha, self.stats_dtype)
+    return transfer.host_matrix(self.method, content_stats, targets, alpha, self.stats_dtype)
 
   def _style(self, styles, levels, style_weights):
     if isinstance(styles, StyleStats):
@@ -398,7 +431,7 @@ class Stylizer:
         out = link.result()(params[k][1], cf, mat, off, None if nxt is None else params[nxt][0],
                             extent)
         img, cf, cstats = (out, None, None) if nxt is None else out
-        region = level_output_shape(k, region)
+        region = self._region_after(k, region)
         extent = _extent(region, canvas)
         # Level k's output exists once the program that also encodes it for
         # the next level is done: its line comes that much later.

@@ -1,4 +1,4 @@
-"""``cdft-stylize``: universal style transfer (WCT, coarse to fine) from the command line.
+"""``cdft-stylize``: universal style transfer (WCT coarse to fine, or AdaIN) from the command line.
 
 Examples::
 
@@ -6,6 +6,9 @@ Examples::
   cdft-stylize --content photos/ --style paintings/ --output results/ --alpha 0.8
   cdft-stylize --content photo.jpg --style a.jpg b.jpg --style-weights 0.7,0.3 \\
       --preserve-color --output out.png
+  cdft-stylize --method adain --model adain-vgg --content photo.jpg --style painting.jpg \\
+      --output out.png
+  cdft-stylize --method adain --model runs/adain_small_decoder --content photo.jpg ...
 """
 import argparse
 import itertools
@@ -71,7 +74,11 @@ def build_parser():
   p = argparse.ArgumentParser(
       prog="cdft-stylize",
       description="Universal style transfer with WCT (levels 5->1) and the Collaborative "
-                  "Distillation 16x models (or the original VGG-19).")
+                  "Distillation 16x models (or the original VGG-19), or with AdaIN "
+                  "(--method adain: pytorch-AdaIN's VGG, or a trained cdft 16x student and "
+                  "small decoder).")
+  p.add_argument("--method", choices=("wct", "adain"), default="wct",
+                 help="wct: the multi-level WCT cascade (default); adain: AdaIN at relu4_1")
   p.add_argument("--content", help="content image, or a folder of them")
   p.add_argument("--style", nargs="+",
                  help="style image(s) (several are blended, see --style-weights), or one folder "
@@ -79,15 +86,18 @@ def build_parser():
   p.add_argument("--output",
                  help="output image (.jpg/.png/.tif), or a folder when inputs are folders")
   p.add_argument("--alpha", type=_alpha, default=1.0, help="style strength in [0, 1] (default 1)")
-  p.add_argument("--levels", type=_levels, default=(5, 4, 3, 2, 1),
-                 help="WCT levels in the order run (default 5,4,3,2,1)")
+  p.add_argument("--levels", type=_levels, default=None,
+                 help="WCT levels in the order run (default 5,4,3,2,1; not for adain)")
   p.add_argument("--content-size", type=_size, default=None,
                  help="resize the content's shorter side to this (default: original size)")
   p.add_argument("--style-size", type=_size, default=None,
                  help="resize the style's shorter side to this (default: original size)")
-  p.add_argument("--model", choices=("cd16x", "vgg19"), default="cd16x",
-                 help="cd16x: released 16x students (default); vgg19: original WCT VGG-19 "
-                      "(needs its .t7 files in --weights-dir)")
+  p.add_argument("--model", default=None,
+                 help="wct: cd16x, the released 16x students (default), or vgg19, the "
+                      "original WCT VGG-19 (needs its .t7 files in --weights-dir); adain: "
+                      "adain-vgg, pytorch-AdaIN's VGG and decoder (default; adain/*.pth in "
+                      "--weights-dir), or the workdir of a cdft adain_small_decoder run "
+                      "(the 16x student and its small decoder)")
   p.add_argument("--weights-dir", default=None,
                  help="local weights folder (default: $CDFT_WEIGHTS_DIR, else download to the cache)")
   p.add_argument("--style-weights", type=_weights, default=None,
@@ -143,22 +153,47 @@ def _plan(args):
   return [(content, styles, output)]
 
 
+def _resolve_method(args):
+  """Fills in ``args.model`` / ``args.levels`` for ``args.method``; bad combinations fail here."""
+  from cdft.weights import pretrained
+  if args.method == "adain":
+    if args.levels not in (None, (pretrained.ADAIN_STAGE,)):
+      raise CdftError("--levels is for --method wct (AdaIN works at relu4_1 alone)")
+    args.model = args.model or pretrained.ADAIN_MODELS[0]
+    args.levels = (pretrained.ADAIN_STAGE,)
+    return
+  args.model = args.model or "cd16x"
+  args.levels = args.levels or (5, 4, 3, 2, 1)
+  if args.model not in pretrained.MODELS:
+    raise CdftError(f"--model {args.model!r} is not a WCT model (choose from "
+                    f"{', '.join(pretrained.MODELS)}; AdaIN models need --method adain)")
+
+
+def _stylizer(args):
+  """The :class:`~cdft.stylize.cascade.Stylizer` of ``args.method`` and ``args.model``."""
+  from cdft.stylize import cascade
+  from cdft.weights import pretrained
+  if args.method == "adain":
+    return cascade.Stylizer(pretrained.load_adain(args.model, args.weights_dir), method="adain")
+  return cascade.Stylizer(pretrained.load_levels(args.model, args.levels, args.weights_dir))
+
+
 def run(args, out=None):
   """Stylizes every planned pair, printing progress to ``out`` (stdout); returns the paths."""
   out = out or sys.stdout
   from cdft.stylize import programs
   programs.enable_compile_cache()  # before anything compiles
   from cdft.io import images
-  from cdft.stylize import cascade, tile_plan, tiled
-  from cdft.weights import pretrained
+  from cdft.stylize import tile_plan, tiled
 
+  _resolve_method(args)
   plan = _plan(args)
   budget = args.max_memory or tile_plan.default_memory_budget()
   t0 = time.perf_counter()
-  levels = pretrained.load_levels(args.model, args.levels, args.weights_dir)
-  stylizer = cascade.Stylizer(levels)
-  print(f"loaded {args.model} levels {','.join(map(str, sorted(levels)))} in "
-        f"{time.perf_counter() - t0:.2f}s", file=out, flush=True)
+  stylizer = _stylizer(args)
+  what = "AdaIN" if args.method == "adain" else "levels " + ",".join(
+      map(str, sorted(stylizer.levels)))
+  print(f"loaded {args.model} {what} in {time.perf_counter() - t0:.2f}s", file=out, flush=True)
   loaded_styles, styles, style_stats = None, None, None
   written = []
 
@@ -193,8 +228,11 @@ def run(args, out=None):
         raise CdftError(str(e)) from None
       print(f"    tiled ({args.stats} statistics), {runner.describe(h, w, args.levels)}",
             file=out, flush=True)
-      result = runner.stylize(content, styles, args.alpha, args.levels, args.style_weights,
-                              callback=report, progress=_tile_progress(out)).to_uint8()
+      try:
+        result = runner.stylize(content, styles, args.alpha, args.levels, args.style_weights,
+                                callback=report, progress=_tile_progress(out)).to_uint8()
+      except ValueError as e:  # an image the tiles cannot take (ceil pooling)
+        raise CdftError(f"{content_path}: {e}") from None
     else:
       content = images.as_float(content)
       stylizer.warm_up((1, h, w, 3), args.levels)  # compiles meanwhile
@@ -245,9 +283,9 @@ def warmup(args, out=None):
   if programs.enable_compile_cache() is None:
     raise CdftError("--warmup fills the compile cache, which CDFT_NO_COMPILE_CACHE=1 turns off")
   from cdft.stylize import cascade
-  from cdft.weights import pretrained
+  _resolve_method(args)
   start = time.perf_counter()
-  stylizer = cascade.Stylizer(pretrained.load_levels(args.model, args.levels, args.weights_dir))
+  stylizer = _stylizer(args)
   side, style_side = args.content_size or 512, args.style_size or 512
   futures = []
   for shape in cascade.common_buckets(side, args.levels):

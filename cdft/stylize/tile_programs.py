@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from cdft.stylize import wct
+from cdft.stylize import transfer, wct
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,14 +34,15 @@ def level_programs(encoder, decoder, stats_dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def resident_program(level, encoder, decoder, stats_dtype, pass1, pass2):
+def resident_program(level, encoder, decoder, stats_dtype, pass1, pass2, method="wct"):
   """A whole level over the tiles of an image held in memory, as one XLA program.
 
   Pass 1 (``pass1`` = (window rows, window cols, core rows, core cols, keep),
   or None when the content statistics are given) scans the windows through
   the encoder, returns each core's statistics and, with ``keep``, writes the
   cores' features into one feature map; the statistics are merged, turned with
-  the style's into the WCT matrix, and pass 2 (``pass2`` = (window rows,
+  the style's into the level's map (WCT or AdaIN: ``method``, see
+  :mod:`cdft.stylize.transfer`), and pass 2 (``pass2`` = (window rows,
   window cols, write rows, write cols, output h, output w, from features))
   scans the windows of the features (or re-encodes the image), decodes them
   and writes their cores into the level's output.
@@ -86,7 +87,7 @@ def resident_program(level, encoder, decoder, stats_dtype, pass1, pass2):
       if not keep:
         feats = img
     targets = [(style_weights[i], s) for i, s in enumerate(style_stats)]
-    m, b = wct.wct_matrix(content_stats, targets, alpha)
+    m, b = transfer.matrix_fn(method)(content_stats, targets, alpha)
     size_r, size_c, len_r, len_c, out_h, out_w, from_feats = pass2
 
     def decode_step(out, step):

@@ -53,7 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cdft.stylize import wct
+from cdft.models import family
+from cdft.stylize import transfer, wct
 from cdft.stylize.cascade import DEFAULT_LEVELS, Stylizer
 from cdft.stylize.tile_plan import (MIN_TILE, axis_plan, cores_for_budget, encoder_halo,
                                     level_halo, tile_steps, windows_1d)
@@ -137,14 +138,22 @@ class TiledStylizer:
     core_r, core_c = self.cores(k, store.height, store.width)
     rows = windows_1d(store.height, core_r, halo, f)
     cols = windows_1d(store.width, core_c, halo, f)
+    ceil = family.ceil_pool(model.encoder)
+
+    def cells(win, n):
+      # The core's feature cells; with ceil pooling the last core (its window
+      # ends the image) also has the image's last, partial cell, as the whole
+      # image has.
+      hi = win.w1 - win.w0 if ceil and win.c1 == (n // f) * f else win.c1 - win.w0
+      return ((win.c0 - win.w0) // f, -(-hi // f))
+
     feats = None
     parts = []
     with wct.x64_scope(self.stylizer.stats_dtype):
       for rw in rows:
         for cw in cols:
           window = to_device(store.read_window(rw.w0, rw.w1, cw.w0, cw.w1))
-          r = ((rw.c0 - rw.w0) // f, (rw.c1 - rw.w0) // f)
-          c = ((cw.c0 - cw.w0) // f, (cw.c1 - cw.w0) // f)
+          r, c = cells(rw, store.height), cells(cw, store.width)
           st, feat = stats_fn(model.encoder_params, window, jnp.asarray(r), jnp.asarray(c),
                               keep_features)
           del window
@@ -195,6 +204,13 @@ class TiledStylizer:
       content = np.asarray(content)
       store = ImageStore.from_array(content, self.use_disk(*content.shape[:2]), self.temp_dir)
     for k in levels:
+      f = 2 ** (k - 1)
+      if family.ceil_pool(self.stylizer.levels[k].encoder) and (store.height % f or
+                                                                store.width % f):
+        raise ValueError(
+            f"tiling a {store.width}x{store.height} image through an encoder with ceil-mode "
+            f"pooling (the AdaIN VGG) needs sides that are multiples of {f}: resize it "
+            "(e.g. --content-size a multiple of 8), or stylize it whole")
       t0 = time.perf_counter()
       store = self.level(k, store, styles, alpha, weights, progress)
       if callback is not None:
@@ -269,7 +285,7 @@ class TiledStylizer:
     steps2 = tile_steps(rows, cols)
     targets = tuple(self._array_stats(k, s) for s in styles)
     program = resident_program(k, model.encoder, model.decoder, self.stylizer.stats_dtype,
-                                pass1, pass2)
+                                pass1, pass2, self.stylizer.method)
     total = len(steps2)
     with wct.x64_scope(self.stylizer.stats_dtype):
       out = program(model.encoder_params, model.decoder_params,
@@ -295,7 +311,8 @@ class TiledStylizer:
     else:
       content_stats = self._thumbnail_stats(k, store)
     targets = [(w, self._array_stats(k, s)) for w, s in zip(weights, styles)]
-    m, b = wct.host_matrix(content_stats, targets, alpha, self.stylizer.stats_dtype)
+    m, b = transfer.host_matrix(self.stylizer.method, content_stats, targets, alpha,
+                                self.stylizer.stats_dtype)
     m = jnp.asarray(m, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
 

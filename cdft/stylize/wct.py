@@ -214,7 +214,7 @@ def wct_matrix(content, style, alpha=1.0, rtol=None, xp=jnp):
   return m, alpha * offset
 
 
-def host_matrix(content, style, alpha=1.0, dtype=None):
+def host_matrix(content, style, alpha=1.0, dtype=None, matrix=None):
   """:func:`wct_matrix` in numpy from statistics anywhere (device or host), in ``dtype``.
 
   Args:
@@ -222,6 +222,7 @@ def host_matrix(content, style, alpha=1.0, dtype=None):
     style: a sequence of ``(weight, (mean, cov, count))``.
     alpha: content/style blend.
     dtype: of the computation (default: each statistic's own dtype).
+    matrix: the map (default :func:`wct_matrix`; see :mod:`cdft.stylize.transfer`).
 
   Returns:
     (M, b) numpy arrays in ``dtype``.
@@ -231,7 +232,7 @@ def host_matrix(content, style, alpha=1.0, dtype=None):
 
   content = stats(content)
   targets = [(float(w), stats(s)) for w, s in style]
-  return wct_matrix(content, targets, float(alpha), xp=np)
+  return (matrix or wct_matrix)(content, targets, float(alpha), xp=np)
 
 
 def apply_matrix(f, m, b):

@@ -1,5 +1,5 @@
-"""Loading pretrained models: the released CD 16x students, their pruned initialisations
-and the original WCT VGG-19 (Torch7) models, as Flax parameter trees.
+"""Loading pretrained models: the released CD 16x students, their pruned initialisations,
+the original WCT VGG-19 (Torch7) models and AdaIN pairs, as Flax parameter trees.
 
 Converted trees are cached as ``.npz`` files (no pickle) next to the zoo cache,
 keyed by the source file's SHA-256, so a second load does not parse the PyTorch
@@ -163,6 +163,59 @@ def vgg19_files(stage, weights_dir):
 
 
 MODELS = ("cd16x", "vgg19")
+ADAIN_MODELS = ("adain-vgg",)  # or a cdft training workdir (load_adain)
+ADAIN_STAGE = 4  # AdaIN works at relu4_1
+
+
+def _adain_level(preset, encoder, decoder):
+  """The AdaIN pair as the one level (4) of a stylizer: VGG's ceil pooling, no final ReLU."""
+  return {ADAIN_STAGE: family.LevelModel(
+      encoder=family.ModuleSpec("encoder", ADAIN_STAGE, preset, ceil_pool=preset == "vgg19"),
+      decoder=family.ModuleSpec("decoder", ADAIN_STAGE, preset, final_relu=False),
+      encoder_params=convert.to_device(encoder), decoder_params=convert.to_device(decoder))}
+
+
+def load_adain(model="adain-vgg", weights_dir=None, cache_dir=None):
+  """``{4: LevelModel}`` of an AdaIN encoder/decoder pair, for ``Stylizer(method='adain')``.
+
+  Args:
+    model: ``'adain-vgg'``, pytorch-AdaIN's released VGG and decoder
+      (``<weights dir>/adain/vgg_normalised.pth`` and ``decoder.pth``), or the
+      workdir of a cdft AdaIN training run: an ``adain_small_decoder`` run (the
+      16x student it was trained for, with its small decoder) or an
+      ``adain_decoder`` run (its encoder, with the trained decoder).
+    weights_dir: local weights folder (default ``$CDFT_WEIGHTS_DIR``).
+    cache_dir: where converted weights are cached.
+  """
+  if model == "adain-vgg":
+    root = weights_dir or os.environ.get("CDFT_WEIGHTS_DIR")
+    if not root:
+      raise WeightError("--model adain-vgg needs --weights-dir (or CDFT_WEIGHTS_DIR) holding "
+                        "pytorch-AdaIN's adain/vgg_normalised.pth and adain/decoder.pth")
+    from cdft.weights import adain  # pylint: disable=import-outside-toplevel
+    vgg_file, decoder_file = adain.find_files(root)
+    trees = [_cached(path, f"adain-{kind}", lambda p=path, k=kind: adain.load_file(p, k),
+                     cache_dir)
+             for path, kind in ((vgg_file, "encoder"), (decoder_file, "decoder"))]
+    return _adain_level("vgg19", *trees)
+  path = pathlib.Path(os.path.expanduser(str(model)))
+  if not path.is_dir():
+    raise WeightError(f"{model}: not an AdaIN model: give 'adain-vgg' or the workdir of a cdft "
+                      "adain_small_decoder (or adain_decoder) training run")
+  from cdft import weights  # pylint: disable=import-outside-toplevel
+  from cdft.training import checkpointing  # pylint: disable=import-outside-toplevel
+  params, cfg = checkpointing.restore_params(path)
+  task = cfg.get("task")
+  if task == "adain_small_decoder":  # see cdft.tasks.adain: the same seeds for 'random'
+    preset, spec, seed = "16x", cfg["student"]["encoder"], cfg["seed"] + 103
+  elif task == "adain_decoder":
+    preset, spec, seed = cfg["teacher"]["preset"], cfg["teacher"]["encoder"], cfg["seed"] + 101
+  else:
+    raise WeightError(f"{path}: a {task!r} run has no AdaIN decoder: give the workdir of an "
+                      "adain_small_decoder or adain_decoder run")
+  encoder = weights.resolve(spec, "encoder", stage=ADAIN_STAGE, preset=preset, seed=seed,
+                            weights_dir=cfg.get("weights_dir") or weights_dir)
+  return _adain_level(preset, {"params": encoder}, {"params": params["decoder"]})
 
 
 def load_levels(model="cd16x", levels=(1, 2, 3, 4, 5), weights_dir=None, cache_dir=None):
