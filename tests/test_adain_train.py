@@ -59,7 +59,7 @@ def _train_and_resume(config, workdir, terms):
   return out
 
 
-def test_the_three_steps_train_resume_and_chain(folders, tmp_path):
+def test_the_three_steps_train_resume_and_chain(folders, tmp_path, monkeypatch):
   data_dir = tmp_path / "tfds"
   dec = tiny(load_config("adain_decoder", "runlocal"), folders, data_dir)
   out = _train_and_resume(dec, tmp_path / "decoder", ("content", "style"))
@@ -88,6 +88,32 @@ def test_the_three_steps_train_resume_and_chain(folders, tmp_path):
     np.testing.assert_array_equal(a, b)
   assert json.loads((tmp_path / "small" / "config.json").read_text())["task"] == \
       "adain_small_decoder"
+  monkeypatch.setenv("CDFT_CACHE_DIR", str(tmp_path / "cache"))  # not the user's cache
+  monkeypatch.setenv("CDFT_NO_COMPILE_CACHE", "1")
+  _stylize_with_the_trained_pair(tmp_path, folders, trained_student["encoder"], out["params"])
+
+
+def _stylize_with_the_trained_pair(tmp_path, folders, encoder, decoder):
+  """``cdft-stylize --method adain --model <small-decoder workdir>``: the student it was
+  trained for, AdaIN at its relu4_1, and the small decoder."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from cdft.io import images  # pylint: disable=import-outside-toplevel
+  from cdft.models import adain, vgg  # pylint: disable=import-outside-toplevel
+  from cdft.stylize import cli  # pylint: disable=import-outside-toplevel
+  content = sorted(folders[0].iterdir())[0]
+  style = sorted(folders[1].iterdir())[0]
+  out_file = tmp_path / "stylized.png"
+  assert cli.main(["--method", "adain", "--model", str(tmp_path / "small"), "--content",
+                   str(content), "--style", str(style), "--output", str(out_file)]) == 0
+  c = images.load_image(content)[None]
+  s = images.load_image(style)[None]
+  enc, dec = vgg.adain_encoder("16x"), vgg.adain_decoder("16x")
+  feat = adain.adain(enc.apply({"params": encoder}, c), enc.apply({"params": encoder}, s))
+  want = np.asarray(dec.apply({"params": decoder["decoder"]}, feat))[0]
+  want = np.floor(np.clip(want, 0, 1) * 255 + 0.5)
+  got = np.asarray(Image.open(out_file), np.float64)
+  assert got.shape == want.shape == (c.shape[1] // 8 * 8, c.shape[2] // 8 * 8, 3)
+  assert np.abs(got - want).max() <= 1
 
 
 def test_runlocal_configs_read_the_shared_contents_and_styles():
