@@ -169,6 +169,10 @@ def _resolve_method(args):
                     f"{', '.join(pretrained.MODELS)}; AdaIN models need --method adain)")
 
 
+def _what(method, levels):
+  return "AdaIN" if method == "adain" else "levels " + ",".join(map(str, levels))
+
+
 def _stylizer(args):
   """The :class:`~cdft.stylize.cascade.Stylizer` of ``args.method`` and ``args.model``."""
   from cdft.stylize import cascade
@@ -191,9 +195,7 @@ def run(args, out=None):
   budget = args.max_memory or tile_plan.default_memory_budget()
   t0 = time.perf_counter()
   stylizer = _stylizer(args)
-  what = "AdaIN" if args.method == "adain" else "levels " + ",".join(
-      map(str, sorted(stylizer.levels)))
-  print(f"loaded {args.model} {what} in {time.perf_counter() - t0:.2f}s", file=out, flush=True)
+  print(f"loaded {args.model} {_what(args.method, sorted(stylizer.levels))} in {time.perf_counter() - t0:.2f}s", file=out, flush=True)
   loaded_styles, styles, style_stats = None, None, None
   written = []
 
@@ -294,7 +296,7 @@ def warmup(args, out=None):
     futures += stylizer.warm_up_style(shape, args.levels)
   futures = list({id(f): f for f in futures}.values())
   print(f"compiling {len(futures)} programs for {side}-px photos and {style_side}-px styles "
-        f"({args.model}, levels {','.join(map(str, args.levels))})", file=out, flush=True)
+        f"({args.model}, {_what(args.method, args.levels)})", file=out, flush=True)
   for done, future in enumerate(futures, 1):
     future.result()
     if done % 6 == 0 or done == len(futures):
