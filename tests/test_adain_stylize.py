@@ -146,3 +146,35 @@ def test_missing_adain_files_are_named(capsys, tmp_path, golden):
                    "--output", str(tmp_path / "o.png")])
   err = capsys.readouterr().err.strip()
   assert code == 2 and "adain/vgg_normalised.pth" in err and "README" in err
+
+
+def test_evaluate_launcher_reports_adains_losses(capsys, tmp_path, golden, adain_dir, teacher):
+  """launch/evaluate.py --method adain: AdaIN's style terms and content loss (against t),
+  recomputed here with the training losses on the stylized image it wrote."""
+  from test_evaluation import _run_launcher  # pylint: disable=import-outside-toplevel
+  from cdft import losses  # pylint: disable=import-outside-toplevel
+  contents, styles = tmp_path / "contents", tmp_path / "styles"
+  contents.mkdir()
+  styles.mkdir()
+  for i in (0, 1):
+    (contents / f"c{i}.png").symlink_to(golden / f"content_64_{i}.png")
+  (styles / "s0.png").symlink_to(golden / "style_64_0.png")
+  _run_launcher([f"--content_dir={contents}", f"--style_dir={styles}", "--method=adain",
+                 "--models=adain-vgg", "--teacher=adain-vgg", f"--weights_dir={adain_dir}",
+                 f"--out_dir={tmp_path / 'out'}", "--content_size=64", "--style_size=64"])
+  text = capsys.readouterr().out
+  assert "| adain-vgg | 2 |" in text and "S relu4_1" in text
+  report = __import__("json").loads((tmp_path / "out" / "results.json").read_text())
+  assert report["method"] == "adain" and report["layers"] == [f"relu{i}_1" for i in (1, 2, 3, 4)]
+  row = report["pairs"][0]
+  level = teacher.levels[4]
+  enc = level.encoder.build()
+  feats = jax.jit(lambda x: enc.apply(level.encoder_params, x, return_all=True))
+  out = np.asarray(Image.open(tmp_path / "out" / row["image"]), np.float32)[None] / 255
+  content = load(golden, "content_64")[:1]
+  fo, fc, fs = feats(out), feats(content), feats(load(golden, "style_64")[:1])
+  _, terms = losses.adain_style(fo, fs)
+  np.testing.assert_allclose([row["style_distance"][f"relu{i}_1"] for i in (1, 2, 3, 4)],
+                             terms, rtol=2e-3)  # the PNG's 8-bit rounding
+  target = adain.adain(fc[3], fs[3])
+  assert row["content_loss"] == pytest.approx(float(losses.mse(fo[3], target)), rel=2e-3)

@@ -68,7 +68,7 @@ class Teacher:
     return metrics.LAYER_NAMES[:self.encoder.stage]
 
 
-def as_stylize_fn(model, levels=cascade.DEFAULT_LEVELS, alpha=1.0):
+def as_stylize_fn(model, levels=cascade.DEFAULT_LEVELS, alpha=1.0, method="wct"):
   """A ``f(content (H, W, 3), style (h, w, 3)) -> (H', W', 3)`` function for a model.
 
   Args:
@@ -78,9 +78,10 @@ def as_stylize_fn(model, levels=cascade.DEFAULT_LEVELS, alpha=1.0):
     levels: the cascade's levels, in order (for Stylizer models); levels the
       model does not have are skipped.
     alpha: style strength (for Stylizer models).
+    method: the feature transform of a ``{level: LevelModel}`` model.
   """
   if isinstance(model, Mapping):
-    model = cascade.Stylizer(model)
+    model = cascade.Stylizer(model, method=method)
   if isinstance(model, cascade.Stylizer):
     run = tuple(k for k in levels if k in model.levels)
     if not run:
@@ -178,7 +179,9 @@ def contact_sheet(contents, styles, stylized, thumb=128, gutter=4):
 
 
 @functools.lru_cache(maxsize=None)
-def _metrics_program(encoder, content_layer):
+def _metrics_program(encoder, content_layer, method="wct", alpha=1.0):
+  if method == "adain":
+    return jax.jit(functools.partial(metrics.adain_pair_metrics, encoder, alpha=alpha))
   return jax.jit(functools.partial(metrics.pair_metrics, encoder, content_layer=content_layer))
 
 
@@ -199,21 +202,28 @@ def _fmt(x):
 def to_markdown(report):
   """The report (the dict of ``results.json``) as markdown tables."""
   layers = report["layers"]
-  content = f"content MSE {report['content_layer']}"
   crops = ", square crops" if report["square"] else ""
+  if report.get("method") == "adain":
+    content = "content relu4_1"
+    what = ("AdaIN's losses (pytorch-AdaIN): style S_k = MSE of the channel means + MSE of the "
+            f"channel stds at {layers[0]}..{layers[-1]}; content = MSE of relu4_1 against "
+            "AdaIN's target t (lower is better)")
+    head = [f"S {name}" for name in layers] + [content, "SSIM"]
+  else:
+    content = f"content MSE {report['content_layer']}"
+    what = (f"D_k = ‖G(stylized) − G(style)‖_F with G = F Fᵀ / (C·H·W) at "
+            f"{layers[0]}..{layers[-1]} (lower is better); content MSE lower is better")
+    head = [f"D {name}" for name in layers] + [content, "SSIM"]
   lines = [
       "# Style evaluation",
       "",
       f"Teacher: {report['teacher']}. Content {report['content_size']} px, style "
-      f"{report['style_size']} px (shorter side{crops}). "
-      f"D_k = ‖G(stylized) − G(style)‖_F with G = F Fᵀ / (C·H·W) at {layers[0]}..{layers[-1]} "
-      "(lower is better); content MSE lower is better; SSIM (stylized vs content) higher "
-      "keeps more structure. Seconds include compilation on first use.",
+      f"{report['style_size']} px (shorter side{crops}). {what}; SSIM (stylized vs content) "
+      "higher keeps more structure. Seconds include compilation on first use.",
       "",
       "## Mean per model",
       "",
   ]
-  head = [f"D {name}" for name in layers] + [content, "SSIM"]
   lines.append("| model | pairs | " + " | ".join(head) + " | s/pair |")
   lines.append("|---" * (len(head) + 3) + "|")
   for model, row in report["mean"].items():
@@ -234,7 +244,7 @@ def to_markdown(report):
 
 def evaluate(models, contents, styles, teacher, out_dir, content_size=256, style_size=256,
              square=False, content_layer=4, levels=cascade.DEFAULT_LEVELS, alpha=1.0,
-             thumb=128, log: Callable[[str], None] = print):
+             thumb=128, log: Callable[[str], None] = print, method="wct"):
   """Evaluates models over a content x style grid and writes the report.
 
   Args:
@@ -250,6 +260,9 @@ def evaluate(models, contents, styles, teacher, out_dir, content_size=256, style
     levels, alpha: cascade settings of Stylizer models.
     thumb: contact-sheet cell size, px.
     log: progress lines (one per pair); ``None`` for silence.
+    method: ``'wct'`` (Gram distances D_1..D_k, content MSE at ``content_layer``)
+      or ``'adain'`` (AdaIN's style and content losses,
+      :func:`cdft.evaluation.metrics.adain_pair_metrics`; models run AdaIN).
 
   Returns:
     The report dict (also written as ``results.json``), with the written
@@ -270,14 +283,16 @@ def evaluate(models, contents, styles, teacher, out_dir, content_size=256, style
     raise CdftError(f"model names clash as file names: {sorted(models)}")
   content_images = [load_input(p, content_size, square) for p in content_paths]
   style_images = [load_input(p, style_size, square) for p in style_paths]
-  program = _metrics_program(teacher.encoder, content_layer)
-  layers = teacher.layers
+  program = _metrics_program(teacher.encoder, content_layer, method, alpha)
+  layers = teacher.layers[:4] if method == "adain" else teacher.layers
+  if method == "adain":
+    levels, content_layer = (4,), 4
 
   pairs, sheets = [], {}
   total = len(models) * len(content_paths) * len(style_paths)
   done = 0
   for name, model in models.items():
-    stylize = as_stylize_fn(model, levels, alpha)
+    stylize = as_stylize_fn(model, levels, alpha, method)
     cells = {}
     for j, style in enumerate(style_images):  # styles outer, as cdft-stylize
       for i, content in enumerate(content_images):
@@ -305,7 +320,7 @@ def evaluate(models, contents, styles, teacher, out_dir, content_size=256, style
         done += 1
         dist = ", ".join(_fmt(row["style_distance"][n]) for n in layers)
         log(f"[{done}/{total}] {name}: {content_names[i]} x {style_names[j]}: "
-            f"D = {dist}; content {_fmt(row['content_loss'])}; SSIM {_fmt(row['ssim'])} "
+            f"{'S' if method == 'adain' else 'D'} = {dist}; content {_fmt(row['content_loss'])}; SSIM {_fmt(row['ssim'])} "
             f"({seconds:.2f} s)")
     sheet = contact_sheet(content_images, style_images, cells, thumb)
     sheets[name] = f"contact_{safe[name]}.png"
@@ -324,7 +339,8 @@ def evaluate(models, contents, styles, teacher, out_dir, content_size=256, style
   report = {
       "teacher": teacher.description,
       "layers": list(layers),
-      "gram": "per image F F^T / (C*H*W)",
+      "method": method,
+      "gram": "per image F F^T / (C*H*W)" if method == "wct" else None,
       "content_layer": f"relu{content_layer}_1",
       "content_size": content_size,
       "style_size": style_size,

@@ -227,6 +227,39 @@ def pair_metrics(encoder, params, stylized, content, style, content_layer=4):
   }
 
 
+def adain_pair_metrics(encoder, params, stylized, content, style, alpha=1.0):
+  """AdaIN's metrics of one stylization, measured by the teacher (relu1_1 .. relu4_1).
+
+  pytorch-AdaIN's two losses (:mod:`cdft.losses`): the style loss
+  ``Σ_i MSE(μ_i(g), μ_i(s)) + MSE(σ_i(g), σ_i(s))`` per layer, and the content
+  loss ``MSE(relu4_1(g), t)`` against AdaIN's target
+  ``t = alpha·AdaIN(relu4_1(c), relu4_1(s)) + (1 - alpha)·relu4_1(c)``; and the
+  SSIM of the stylized image against the content.
+
+  Returns:
+    dict of ``style_distance`` (N, 4): the per-layer style terms,
+    ``content_loss`` (N,) and ``ssim`` (N,).
+  """
+  from cdft.models import adain  # pylint: disable=import-outside-toplevel
+  _check_layer(encoder, 4)
+  stylized = _nhwc(stylized, "stylized").astype(jnp.float32)
+  content = crop_to(content, stylized.shape[1], stylized.shape[2]).astype(jnp.float32)
+  fs = teacher_features(encoder, params, stylized)[:4]
+  ft = teacher_features(encoder, params, style)[:4]
+  fc = teacher_features(encoder, params, content)[3]
+  target = alpha * adain.adain(fc, ft[3]) + (1 - alpha) * fc
+
+  def sq(a, b):  # per image
+    return jnp.mean(jnp.square(a - b), axis=tuple(range(1, a.ndim)))
+
+  terms = []
+  for f, s in zip(fs, ft):
+    (f_mean, f_std), (s_mean, s_std) = adain.mean_std(f), adain.mean_std(s)
+    terms.append(sq(f_mean, s_mean) + sq(f_std, s_std))
+  return {"style_distance": jnp.stack(terms, axis=-1), "content_loss": sq(fs[3], target),
+          "ssim": ssim(stylized, content)}
+
+
 # Tiling checks (tests and launch/bench_ultra.py).
 
 

