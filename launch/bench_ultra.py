@@ -9,6 +9,12 @@ peak RSS, PSNR of the thumbnail result against the exact one, and the seam
 ratio (mean |gradient| across tile boundaries / elsewhere) of exact outputs.
 
   python launch/bench_ultra.py --weights-dir ../shared/weights --max-memory 4G
+
+``--model adain-16x`` (or ``adain-vgg``; see launch/bench_models.py) runs exact
+tiled AdaIN instead, e.g. its 100 MP memory:
+
+  python launch/bench_ultra.py --model adain-16x --sizes 100mp --modes exact \
+      --out benchmarks/ultra_adain_cpu.json
 """
 import argparse
 import json
@@ -44,14 +50,14 @@ def child(args):
   from cdft.stylize import cpu_tuning
   cpu_tuning.tune_xla_cpu()  # as cdft-stylize
   from PIL import Image
-  from cdft.stylize import cascade, tile_store, tiled
-  from cdft.weights import pretrained
+  from cdft.stylize import tile_store, tiled
+  import bench_models
 
   content = _content(args, args.size)
   style = np.asarray(Image.open(args.images / STYLE).convert("RGB").resize((1024, 1024),
                                                                             Image.BICUBIC),
                      np.float32) / 255
-  stylizer = cascade.Stylizer(pretrained.load_levels("cd16x", weights_dir=args.weights_dir))
+  stylizer, order, _ = bench_models.stylizer(args.model, args.weights_dir)
   runs = []
   # Small images run twice so the second (reported) run excludes compilation.
   for _ in range(2 if content.size <= 3 * 16_000_000 else 1):
@@ -60,18 +66,20 @@ def child(args):
     levels = {}
     t0 = time.perf_counter()
     if args.mode == "whole":
-      out = stylizer.stylize(content.astype(np.float32) / 255, style,
+      out = stylizer.stylize(content.astype(np.float32) / 255, style, levels=order,
                              callback=lambda k, s: levels.__setitem__(k, s))
       out = (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
       tiles = None
     else:
       runner = tiled.TiledStylizer(stylizer, max_memory=args.max_memory, stats_mode=args.mode,
                                    temp_dir=args.tmp)
-      tiles = {k: [r, c, nr, nc] for k, _, _, r, c, nr, nc in runner.plan(*content.shape[:2])}
+      tiles = {k: [r, c, nr, nc]
+               for k, _, _, r, c, nr, nc in runner.plan(*content.shape[:2], order)}
       store = tile_store.ImageStore.from_array(content, runner.use_disk(*content.shape[:2]), args.tmp)
       if len(runs) == 0:
         content = None  # the image lives in the (disk) store from here on
-      out = runner.stylize(store, style, callback=lambda k, s: levels.__setitem__(k, s))
+      out = runner.stylize(store, style, levels=order,
+                           callback=lambda k, s: levels.__setitem__(k, s))
       out = out.to_uint8()
     runs.append(time.perf_counter() - t0)
   seconds = runs[-1]
@@ -114,6 +122,8 @@ def main():
   p.add_argument("--sizes", default="uhd,42mp,100mp")
   p.add_argument("--modes", default="whole,exact,thumbnail")
   p.add_argument("--max-memory", default="4G")
+  p.add_argument("--model", default="cd16x",
+                 help="cd16x (WCT), adain-16x or adain-vgg (launch/bench_models.py)")
   p.add_argument("--weights-dir", default=os.environ.get("CDFT_WEIGHTS_DIR"))
   p.add_argument("--images", type=pathlib.Path, default=SHARED / "images")
   p.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks/ultra_cpu.json")
@@ -138,6 +148,7 @@ def main():
           continue
         print(f"running {size} {mode} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--size", size, "--mode", mode, "--tmp", tmp,
+               "--model", args.model,
                "--max-memory", args.max_memory, "--images", str(args.images)]
         if args.weights_dir:
           cmd += ["--weights-dir", str(args.weights_dir)]
@@ -172,7 +183,9 @@ def main():
           f"{'-' if psnr is None else f'{psnr:.1f}'} | {'-' if seam is None else f'{seam:.4f}'} |")
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(json.dumps({
-      "system": "cdft 16x WCT cascade 5->1 on ultra-resolution images, alpha 1, style 1024x1024",
+      "system": ("cdft 16x WCT cascade 5->1" if args.model == "cd16x" else f"cdft {args.model}")
+                + " on ultra-resolution images, alpha 1, style 1024x1024",
+      "model": args.model,
       "machine": f"{platform.machine()} {os.cpu_count()} cpus, {machine / 2**30:.0f} GiB",
       "max_memory": args.max_memory, "results": results}, indent=1))
   print(f"wrote {args.out}", file=sys.stderr)

@@ -26,7 +26,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "colabs" / "stylize.ipynb"
 KERNEL_NAME = "cdft-test-python"
 CELL_TIMEOUT_S = 300
-PARAMETERS = ("CONTENT", "STYLE", "CONTENT_SIZE", "STYLE_SIZE", "ALPHA", "OUTPUT")
+PARAMETERS = ("CONTENT", "STYLE", "CONTENT_SIZE", "STYLE_SIZE", "ALPHA", "OUTPUT", "STYLE2",
+              "ADAIN_MODEL", "ADAIN_TEACHER", "ADAIN_PRESET", "ADAIN_STEPS")
 PROGRESS = re.compile(r"^level (\d): \d+\.\d+ s$", re.MULTILINE)
 
 
@@ -85,6 +86,7 @@ def _stream_text(nb):
 def test_notebook_runs(images_dir, weights_dir, tmp_path, monkeypatch):
   content_path = images_dir / "content" / "adain_avril.jpg"
   style_path = images_dir / "style" / "adain_la_muse.jpg"
+  style2_path = images_dir / "style" / "adain_mondrian.jpg"
   output = tmp_path / "out" / "stylized.jpg"
   size = 64
 
@@ -96,6 +98,12 @@ def test_notebook_runs(images_dir, weights_dir, tmp_path, monkeypatch):
       f"STYLE_SIZE = {size}",
       "ALPHA = 1.0",
       f"OUTPUT = {str(output)!r}",
+      f"STYLE2 = {str(style2_path)!r}",
+      # AdaIN: no pytorch-AdaIN files here; 3 steps of a narrow random-VGG decoder demo.
+      'ADAIN_MODEL = "adain-vgg"',
+      'ADAIN_TEACHER = "random"',
+      'ADAIN_PRESET = "16x"',
+      "ADAIN_STEPS = 3",
   ])
   # Which cdft the kernel imported (this checkout, not an installed copy).
   nb.cells.append(nbformat.v4.new_code_cell("import cdft\nprint('cdft from', cdft.__file__)"))
@@ -119,7 +127,9 @@ def test_notebook_runs(images_dir, weights_dir, tmp_path, monkeypatch):
   assert f"cdft from {REPO / 'cdft' / '__init__.py'}" in text, text
   images = [out for cell in nb.cells for out in cell.get("outputs", [])
             if out.output_type == "display_data" and "image/png" in out.get("data", {})]
-  assert len(images) == 2  # content | style | result, and the variations
+  # content | style | result, the variations, the AdaIN loss curves and its stylizations
+  assert len(images) == 4
+  assert "trained 3 steps" in text and "-> AdaIN with the decoder trained above" in text, text
 
   height, width = load_image(content_path, shorter_side=size).shape[:2]
   assert min(height, width) == size

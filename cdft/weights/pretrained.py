@@ -167,8 +167,9 @@ ADAIN_MODELS = ("adain-vgg",)  # or a cdft training workdir (load_adain)
 ADAIN_STAGE = 4  # AdaIN works at relu4_1
 
 
-def _adain_level(preset, encoder, decoder):
-  """The AdaIN pair as the one level (4) of a stylizer: VGG's ceil pooling, no final ReLU."""
+def adain_level(preset, encoder, decoder):
+  """The AdaIN pair (``{'params': ...}`` trees) as the one level (4) of a stylizer:
+  the VGG's ceil pooling, no final ReLU."""
   return {ADAIN_STAGE: family.LevelModel(
       encoder=family.ModuleSpec("encoder", ADAIN_STAGE, preset, ceil_pool=preset == "vgg19"),
       decoder=family.ModuleSpec("decoder", ADAIN_STAGE, preset, final_relu=False),
@@ -199,7 +200,7 @@ def load_adain(model="adain-vgg", weights_dir=None, cache_dir=None):
     trees = [_cached(path, f"adain-{kind}", lambda p=path, k=kind: adain.load_file(p, k),
                      cache_dir)
              for path, kind in ((vgg_file, "encoder"), (decoder_file, "decoder"))]
-    return _adain_level("vgg19", *trees)
+    return adain_level("vgg19", *trees)
   path = pathlib.Path(os.path.expanduser(str(model)))
   if not path.is_dir():
     raise WeightError(f"{model}: not an AdaIN model: give 'adain-vgg' or the workdir of a cdft "
@@ -219,7 +220,7 @@ def load_adain(model="adain-vgg", weights_dir=None, cache_dir=None):
   encoder = weights.resolve(resolver.resolve_run_reference(spec, path), "encoder",
                             stage=ADAIN_STAGE, preset=preset, seed=seed,
                             weights_dir=weights_dir or cfg.get("weights_dir") or None)
-  return _adain_level(preset, {"params": encoder}, {"params": params["decoder"]})
+  return adain_level(preset, {"params": encoder}, {"params": params["decoder"]})
 
 
 def load_levels(model="cd16x", levels=(1, 2, 3, 4, 5), weights_dir=None, cache_dir=None):
