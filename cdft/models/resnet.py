@@ -45,6 +45,11 @@ from cdft.models.norm import BatchNorm
 _wrn_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def _accumulation(dtype):
+  """The dtype of the pooled features and logits: at least float32 (float64 stays float64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _check_input(x, name):
   if x.ndim != 4 or x.shape[-1] != 3:
     raise CdftError(f"{name} expects NHWC images (B, H, W, 3), got shape {tuple(x.shape)}")
@@ -120,10 +125,10 @@ class ResNet(nn.Module):
         out = BasicBlock(width, stride, self.dtype, name=f"layer{g + 1}_{i}")(out, train)
       feats[f"layer{g + 1}"] = out
     feats["ft"] = out
-    pooled = jnp.mean(out.astype(jnp.float32), axis=(1, 2))
+    pooled = jnp.mean(out.astype(_accumulation(self.dtype)), axis=(1, 2))
     feats["pooled"] = pooled
     logits = _dense(self.num_classes, out.shape[-1], self.dtype, "linear")(pooled)
-    return logits.astype(jnp.float32), feats
+    return logits.astype(_accumulation(self.dtype)), feats
 
 
 class WideBasicBlock(nn.Module):
@@ -188,10 +193,10 @@ class WideResNet(nn.Module):
     feats["ft"] = out
     head = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(out))
     feats["head"] = head
-    pooled = jnp.mean(head.astype(jnp.float32), axis=(1, 2))
+    pooled = jnp.mean(head.astype(_accumulation(self.dtype)), axis=(1, 2))
     feats["pooled"] = pooled
     logits = _dense(self.num_classes, widths[-1], self.dtype, "fc", zero_bias=True)(pooled)
-    return logits.astype(jnp.float32), feats
+    return logits.astype(_accumulation(self.dtype)), feats
 
 
 RESNET_DEPTHS = {20: 3, 32: 5, 56: 9, 110: 18}

@@ -154,12 +154,12 @@ def variables_from_state(state, abstract, source="", module_order=None):
   return flax.traverse_util.unflatten_dict(flat)
 
 
-def variables_to_state(variables):
-  """Flax variables -> PyTorch-layout ``{name: float32 array}`` (inverse of the above)."""
+def variables_to_state(variables, dtype=np.float32):
+  """Flax variables -> PyTorch-layout ``{name: array of dtype}`` (inverse of the above)."""
   state = {}
   for path, leaf in _flat(variables).items():
     _, _, to_torch = _layout(path, np.shape(leaf))
-    state[torch_key(path)] = np.ascontiguousarray(to_torch(np.asarray(leaf, np.float32)))
+    state[torch_key(path)] = np.ascontiguousarray(to_torch(np.asarray(leaf, dtype)))
   return state
 
 
