@@ -15,6 +15,7 @@ task losses and the optimizer chains of its configs
   the three steps tightly against the ``*_f64ref_*`` files, BatchNorm running
   statistics included.
 """
+import copy
 import hashlib
 import json
 
@@ -155,41 +156,57 @@ def test_cd_student_three_steps_match_the_official_loop(golden, cd_case):
 
 # --- the FT student (train_student.py: ResNet-56 teacher + paraphraser, ResNet-20 + translator)
 
-def _ft_case(golden, dtype):
+@pytest.fixture(scope="module")
+def ft_task(golden, tmp_path_factory):
+  """The ft_student task whose frozen teacher and paraphraser are the recipe's, read from
+  official-layout .pth files (as Teacher.pth / Paraphraser.pth would be)."""
+  from cdft.weights import torch_format  # pylint: disable=import-outside-toplevel
+  folder = tmp_path_factory.mktemp("ft_golden")
+  config = load_config("ft_student", "")
+  for module, attr in (("ft.teacher", "teacher.workdir"), ("ft.paraphraser",
+                                                             "distill.paraphraser")):
+    path = folder / f"{module}.pth"
+    torch_format.save(recipe_state(golden, module), path)
+    group, name = attr.split(".")
+    config[group][name] = str(path)
+  return tasks.get_task(config)
+
+
+def _ft_case(golden, task, dtype):
   """(step function, params, model_state, frozen, batch, opt_state) of the FT case in ``dtype``."""
   from cdft.weights import ft  # pylint: disable=import-outside-toplevel
-  config = load_config("ft_student", "")
-  config.teacher.workdir = config.distill.paraphraser = "random"  # replaced by the recipe
-  task = tasks.get_task(config)
-  for name in ("teacher", "student", "paraphraser", "head"):  # computation dtype
+  task = copy.copy(task)  # its networks in the computation dtype
+  for name in ("teacher", "student", "paraphraser", "head"):
     setattr(task, name, getattr(task, name).clone(dtype=dtype))
+  loss = task.loss
+
   cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)  # noqa: E731
-  teacher = ft.classifier_from_state(task.teacher, recipe_state(golden, "ft.teacher"))
-  _, paraphraser = ft.paraphraser_from_state(recipe_state(golden, "ft.paraphraser"))
+  teacher, paraphraser = task.frozen["teacher"], task.frozen["paraphraser"]
   student = ft.classifier_from_state(task.student, recipe_state(golden, "ft.student"))
   _, translator = ft.translator_from_state(recipe_state(golden, "ft.translator"))
-  frozen = cast({"teacher": teacher, "paraphraser": paraphraser["params"]})
+  frozen = cast({"teacher": teacher, "paraphraser": paraphraser})
   params = cast({"student": student["params"], "translator": translator["params"]})
   model_state = cast({"student": student["batch_stats"]})
   batch = {"image": jnp.asarray(np.load(golden / "ft_batch_x.npy"), dtype),
            "label": jnp.asarray(np.load(golden / "ft_batch_y.npy"), jnp.int32)}
+  config = task.config
   schedule = optim.make_schedule(config.schedule, config.optimizer.learning_rate, 391, 3)
   tx = optim.make_optimizer(config.optimizer, schedule)
 
   @jax.jit
   def step(params, model_state, opt_state, frozen, batch):
-    (loss, (metrics, new_state)), grads = jax.value_and_grad(task.loss, has_aux=True)(
+    (value, (metrics, new_state)), grads = jax.value_and_grad(loss, has_aux=True)(
         params, model_state, frozen, batch, jax.random.key(0))
     updates, opt_state = tx.update(grads, opt_state, params)
-    return (jax.tree.map(lambda p, u: p + u, params, updates), new_state, opt_state, loss,
+    return (jax.tree.map(lambda p, u: p + u, params, updates), new_state, opt_state, value,
             metrics, grads)
 
   return step, params, model_state, frozen, batch, tx.init(params)
 
 
-def _ft_run(golden, dtype):
+def _ft_run(golden, task, dtype):
   from cdft.weights import ft  # pylint: disable=import-outside-toplevel
-  step, params, model_state, frozen, batch, opt_state = _ft_case(golden, dtype)
+  step, params, model_state, frozen, batch, opt_state = _ft_case(golden, task, dtype)
   rows, first = [], None
   for _ in range(3):
     params, model_state, opt_state, loss, metrics, grads = step(params, model_state, opt_state,
@@ -208,10 +225,10 @@ def _ft_run(golden, dtype):
   return rows, grads, student, translator
 
 
-def test_ft_student_float32_step_one_matches_the_official_loop(golden):
+def test_ft_student_float32_step_one_matches_the_official_loop(golden, ft_task):
   """float32: the README's f32-vs-f64 distances (a ReLU near-tie flips differently in
   every float32 port): step-1 losses tight, step-1 gradients within 2e-2 of their max."""
-  rows, grads, _, _ = _ft_run(golden, jnp.float32)
+  rows, grads, _, _ = _ft_run(golden, ft_task, jnp.float32)
   want = json.loads((golden / "ft_steps.json").read_text())["steps"][0]
   assert rows[0]["ce"] == pytest.approx(want["ce"], rel=1e-6)
   assert rows[0]["ft"] == pytest.approx(want["ft_l1"], rel=1e-6)
@@ -221,12 +238,12 @@ def test_ft_student_float32_step_one_matches_the_official_loop(golden):
       _assert_rel(grads[key], ref[key], 2e-2, f"step-1 grad {key}")
 
 
-def test_ft_student_float64_three_steps_match_the_official_loop(golden):
+def test_ft_student_float64_three_steps_match_the_official_loop(golden, ft_task):
   """float64 against the *_f64ref_* files: the same loop body, tight (SGD with coupled weight
   decay on every parameter, momentum; student BatchNorm in train mode with PyTorch's
   running statistics; teacher and paraphraser in eval mode)."""
   with jax.enable_x64(True):
-    rows, grads, student, translator = _ft_run(golden, jnp.float64)
+    rows, grads, student, translator = _ft_run(golden, ft_task, jnp.float64)
   want = json.loads((golden / "ft_steps.json").read_text())["steps_f64"]
   for got, ref in zip(rows, want):
     for ours, theirs in (("ce", "ce"), ("ft", "ft_l1"), ("loss", "loss")):
