@@ -178,3 +178,17 @@ def test_evaluate_launcher_reports_adains_losses(capsys, tmp_path, golden, adain
                              terms, rtol=2e-3)  # the PNG's 8-bit rounding
   target = adain.adain(fc[3], fs[3])
   assert row["content_loss"] == pytest.approx(float(losses.mse(fo[3], target)), rel=2e-3)
+
+
+def test_wider_networks_get_smaller_tiles_for_a_budget(teacher):
+  """The VGG's 64-filter full-resolution layers take ~3x the 16x students' bytes per pixel:
+  the memory estimates scale with that width (tile_plan.bytes_per_window_pixel)."""
+  from cdft.stylize import tile_plan  # pylint: disable=import-outside-toplevel
+  runner = tiled.TiledStylizer(teacher, max_memory=2 << 30)
+  assert runner.net_width == 64
+  assert tile_plan.bytes_per_window_pixel(64) == 420 * 64 // 24
+  vgg = runner.cores(4, 4000, 4000)
+  narrow = tile_plan.cores_for_budget(2 << 30, 4000, 4000, 4)
+  assert vgg[0] * vgg[1] < narrow[0] * narrow[1] / 2
+  assert tile_plan.whole_image_bytes(2000, 2000, 64) > 2.5 * (
+      tile_plan.whole_image_bytes(2000, 2000) - tile_plan.BASE_BYTES)

@@ -195,12 +195,14 @@ def run(args, out=None):
   budget = args.max_memory or tile_plan.default_memory_budget()
   t0 = time.perf_counter()
   stylizer = _stylizer(args)
+  net_width = tile_plan.full_resolution_width(stylizer.levels)  # for the memory estimates
   print(f"loaded {args.model} {_what(args.method, sorted(stylizer.levels))} in {time.perf_counter() - t0:.2f}s", file=out, flush=True)
   loaded_styles, styles, style_stats = None, None, None
   written = []
 
   def whole_image(h, w):
-    return not (args.tile or args.stats != "exact" or tile_plan.whole_image_bytes(h, w) > budget)
+    return not (args.tile or args.stats != "exact" or
+                tile_plan.whole_image_bytes(h, w, net_width) > budget)
 
   def compile_ahead(index):
     """Starts compiling for the content after this one while this one runs."""

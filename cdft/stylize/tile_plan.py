@@ -17,6 +17,11 @@ from cdft.models import family
 # widest full-resolution layers, their reflection-pad strips and XLA buffers),
 # measured with the 16x models on CPU, with margin; turns a memory budget into a window area.
 BYTES_PER_WINDOW_PIXEL = 420
+# The full-resolution width (conv1_x filters) of the networks it was measured with
+# (the 16x students: 16, and 24 at stage 1). Wider networks (the VGG-19's 64) scale it
+# (bytes_per_window_pixel): the VGG AdaIN pair peaked at ~3.2x the 16x pair's bytes per
+# pixel (benchmarks/stylize_adain_cpu.json), under this 64/24 = 2.7x scaling of the margin.
+CALIBRATION_WIDTH = 24
 # Memory kept outside the windows: the interpreter, jax, weights and row bands.
 BASE_BYTES = 700 << 20
 
@@ -61,9 +66,16 @@ def parse_bytes(text):
     raise ValueError(f"not a memory size: {text!r} (use e.g. 4G or 512M)") from None
 
 
-def window_area_for_budget(budget_bytes):
-  """Window pixels (rows x columns, halos included) a memory budget allows."""
-  return max(budget_bytes - BASE_BYTES, 0) // BYTES_PER_WINDOW_PIXEL
+def bytes_per_window_pixel(width=CALIBRATION_WIDTH):
+  """Peak bytes per window pixel of networks whose full-resolution layers have ``width``
+  filters (:data:`BYTES_PER_WINDOW_PIXEL`, scaled up for wider networks)."""
+  return int(BYTES_PER_WINDOW_PIXEL * max(1.0, width / CALIBRATION_WIDTH))
+
+
+def window_area_for_budget(budget_bytes, width=CALIBRATION_WIDTH):
+  """Window pixels (rows x columns, halos included) a memory budget allows (``width``: of
+  the networks' full-resolution layers, :func:`bytes_per_window_pixel`)."""
+  return max(budget_bytes - BASE_BYTES, 0) // bytes_per_window_pixel(width)
 
 
 def _axis_split(n, count, halo, f):
@@ -75,7 +87,7 @@ def _axis_split(n, count, halo, f):
   return core, core + 2 * halo + (n - n_out)
 
 
-def cores_for_budget(budget_bytes, height, width, stage):
+def cores_for_budget(budget_bytes, height, width, stage, net_width=CALIBRATION_WIDTH):
   """Tile cores (rows, columns) of level ``stage`` on a ``height`` x ``width`` image.
 
   A level's memory grows with the area of its window, not with its shape: the
@@ -83,9 +95,10 @@ def cores_for_budget(budget_bytes, height, width, stage):
   of balanced tiles whose windows (with the level's widest halo) fit that
   area, this takes the one with the fewest tiles (then the least computed
   area): an image that fits one window is not split, and a wide image is cut
-  into full-height strips rather than squares.
+  into full-height strips rather than squares. ``net_width``: the networks'
+  full-resolution width (:func:`bytes_per_window_pixel`).
   """
-  area = window_area_for_budget(budget_bytes)
+  area = window_area_for_budget(budget_bytes, net_width)
   halo, f = level_halo(stage), 2 ** (stage - 1)
   if (MIN_TILE + 2 * halo) ** 2 > area:
     raise ValueError(f"a memory budget of {budget_bytes / 2**30:.2f} GiB is too small for "
@@ -120,9 +133,19 @@ def default_memory_budget():
     return 4 << 30
 
 
-def whole_image_bytes(height, width):
-  """Rough peak memory of the untiled cascade on an image of this size."""
-  return BASE_BYTES + BYTES_PER_WINDOW_PIXEL * height * width
+def whole_image_bytes(height, width, net_width=CALIBRATION_WIDTH):
+  """Rough peak memory of the untiled cascade on an image of this size (``net_width``: the
+  networks' full-resolution width, :func:`bytes_per_window_pixel`)."""
+  return BASE_BYTES + bytes_per_window_pixel(net_width) * height * width
+
+
+def full_resolution_width(levels):
+  """The widest first-block convolution (conv11 / conv12) of ``{level: LevelModel}``'s encoders."""
+  widths = [CALIBRATION_WIDTH]
+  for model in levels.values():
+    params = model.encoder_params["params"]
+    widths += [params[name]["kernel"].shape[-1] for name in ("conv11", "conv12") if name in params]
+  return max(widths)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,7 +57,7 @@ from cdft.models import family
 from cdft.stylize import transfer, wct
 from cdft.stylize.cascade import DEFAULT_LEVELS, Stylizer
 from cdft.stylize.tile_plan import (MIN_TILE, axis_plan, cores_for_budget, encoder_halo,
-                                    level_halo, tile_steps, windows_1d)
+                                    full_resolution_width, level_halo, tile_steps, windows_1d)
 from cdft.stylize.tile_programs import level_programs, resident_program
 from cdft.stylize.tile_store import ImageStore, bands, to_device
 
@@ -83,8 +83,9 @@ class TiledStylizer:
     self.stylizer = stylizer
     if tile is not None and (tile % 16 or tile < MIN_TILE):
       raise ValueError(f"tile must be a multiple of 16 and at least {MIN_TILE}, got {tile}")
-    if tile is None:
-      cores_for_budget(max_memory, 1, 1, max(stylizer.levels))  # a budget too small fails here
+    self.net_width = full_resolution_width(stylizer.levels)  # wider networks: smaller tiles
+    if tile is None:  # a budget too small fails here
+      cores_for_budget(max_memory, 1, 1, max(stylizer.levels), self.net_width)
     self.tile = tile
     self.max_memory = max_memory
     self.stats_mode = stats_mode
@@ -100,7 +101,7 @@ class TiledStylizer:
     """(row, column) tile cores of level k on a ``height`` x ``width`` image."""
     if self.tile is not None:
       return self.tile, self.tile
-    return cores_for_budget(self.max_memory, height, width, k)
+    return cores_for_budget(self.max_memory, height, width, k, self.net_width)
 
   def plan(self, height, width, levels=DEFAULT_LEVELS):
     """Per level: (k, input height, input width, row core, column core, tile rows, tile columns).
