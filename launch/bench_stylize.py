@@ -93,6 +93,18 @@ def _run_child(args, config, model):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _write(args, system, results, **extra):
+  """The JSON of a run: what, where, how, the results and ``extra``."""
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  args.out.write_text(json.dumps(dict({
+      "system": system,
+      "machine": f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}",
+      "protocol": f"one warm-up then {args.repeats} timed runs per process, median; "
+                  "peak RSS = ru_maxrss of that process",
+      "results": results}, **extra), indent=1))
+  print(f"wrote {args.out}", file=sys.stderr)
+
+
 def _adain_main(args, models):
   """The AdaIN table: each model per config, the speed-up of the first over the others,
   and MicroAST's in-process time."""
@@ -112,17 +124,9 @@ def _adain_main(args, models):
     print(f"| {c} | {rows[0]['content_hw'][0]}×{rows[0]['content_hw'][1]} | {cells} | "
           + (ratios + " | " if ratios else "")
           + (f"{micro} | {rows[0]['median_s'] / micro:.2f} |" if micro else "- | - |"))
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps({
-      "system": "cdft AdaIN (relu4_1), alpha=1, batch 1, style statistics included",
-      "machine": f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}",
-      "protocol": f"one warm-up then {args.repeats} timed runs per process, median; "
-                  "peak RSS = ru_maxrss of that process",
-      "results": results,
-      "microast_in_process_s": {"figures": MICROAST_S,
-                                "source": "../shared/baselines/README.md §8 (AVX-512 machine)"}},
-      indent=1))
-  print(f"wrote {args.out}", file=sys.stderr)
+  _write(args, "cdft AdaIN (relu4_1), alpha=1, batch 1, style statistics included", results,
+         microast_in_process_s={"figures": MICROAST_S,
+                                "source": "../shared/baselines/README.md §8 (AVX-512 machine)"})
 
 
 def main():
@@ -162,14 +166,8 @@ def main():
           f"{bm / 1e6:.2f} | {r['median_s'] / bt:.2f} | {r['peak_rss_kb'] / bm:.2f} |"
           if bt and bm else f"| {name} | {r['content_hw']} | {r['median_s']:.2f} | "
           f"{r['compile_s']:.1f} | {rss:.2f} | - | - | - | - |")
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps({
-      "system": "cdft 16x WCT cascade 5->1, alpha=1, batch 1",
-      "machine": f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}",
-      "protocol": f"one warm-up then {args.repeats} timed runs per process, median; "
-                  "peak RSS = ru_maxrss of that process",
-      "results": results, "baseline": {k: baseline.get(k) for k in results}}, indent=1))
-  print(f"wrote {args.out}", file=sys.stderr)
+  _write(args, "cdft 16x WCT cascade 5->1, alpha=1, batch 1", results,
+         baseline={k: baseline.get(k) for k in results})
 
 
 if __name__ == "__main__":
