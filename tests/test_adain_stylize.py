@@ -192,3 +192,24 @@ def test_wider_networks_get_smaller_tiles_for_a_budget(teacher):
   assert vgg[0] * vgg[1] < narrow[0] * narrow[1] / 2
   assert tile_plan.whole_image_bytes(2000, 2000, 64) > 2.5 * (
       tile_plan.whole_image_bytes(2000, 2000) - tile_plan.BASE_BYTES)
+
+
+def test_cli_adain_blends_styles_keeps_colours_and_tiles(capsys, tmp_path, golden, adain_dir):
+  """--style-weights, --preserve-color and --stats thumbnail (tiled) with --method adain."""
+  common = ["--method", "adain", "--weights-dir", str(adain_dir),
+            "--content", str(golden / "content_64_0.png"),
+            "--style", str(golden / "style_64_0.png"), str(golden / "style_64_1.png")]
+  code = cli.main(common + ["--style-weights", "3,1", "--preserve-color",
+                            "--output", str(tmp_path / "kept.png")])
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  kept = np.asarray(Image.open(tmp_path / "kept.png"), np.float64) / 255
+  content = load(golden, "content_64")[0]
+  ycc = np.array([[-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+  # The content's chroma (BT.601 Cb, Cr) survives, up to 8-bit rounding and clipping.
+  assert np.median(np.abs(kept @ ycc.T - content @ ycc.T)) < 0.01
+  code = cli.main(common + ["--stats", "thumbnail", "--output", str(tmp_path / "thumb.png")])
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  assert "tiled (thumbnail statistics)" in out
+  assert Image.open(tmp_path / "thumb.png").size == (64, 64)
