@@ -12,6 +12,7 @@ Around the step: orbax checkpoints (resume, keep policy, config beside each),
 progress and throughput, a NaN/Inf guard that stops before a bad state is ever
 saved, and SIGTERM/SIGINT handling that saves and exits cleanly.
 """
+import os
 import signal
 import threading
 
@@ -27,6 +28,37 @@ from cdft.training import checkpointing
 from cdft.training import metrics as metrics_lib
 from cdft.training import optim
 from cdft.training import sharding
+
+
+def enable_compile_cache(cache_dir=None):
+  """Turns JAX's persistent compilation cache on for this training process.
+
+  A training process compiles its train and eval steps and, initialising random
+  networks eagerly, dozens of small programs (a random ResNet-56 alone: 65
+  compiles, ~10 s on 2 cores). Kept in ``<cdft cache>/xla-train``, they load in
+  the next process of the run (a resume after a kill, a rerun, another seed):
+  ``launch/train.py`` of ``ft_teacher.py:runlocal`` for 5 steps took 34.4 s as a
+  first process and 11.1 s as the second on a 2-core CPU. A cache folder
+  configured already (``JAX_COMPILATION_CACHE_DIR``, ``jax.config``) is kept;
+  ``CDFT_NO_COMPILE_CACHE=1`` turns it off.
+
+  Args:
+    cache_dir: the cdft cache (default ``$CDFT_CACHE_DIR`` or ~/.cache/cdft).
+
+  Returns:
+    The cache folder, or None when off.
+  """
+  if os.environ.get("CDFT_NO_COMPILE_CACHE"):
+    return None
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  from cdft.weights import zoo  # pylint: disable=import-outside-toplevel
+  folder = str(zoo.resolve_cache_dir(cache_dir) / "xla-train")
+  jax.config.update("jax_compilation_cache_dir", folder)
+  # The eager initialisers' programs compile in ~0.1-0.2 s each, under JAX's 1 s default.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  return folder
 
 
 class _StopFlag:

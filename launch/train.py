@@ -3,7 +3,9 @@ r"""Trains any cdft config: the one entry point of the one trainer.
   python launch/train.py --config configs/cd_decoder.py:stage=3,runlocal \
       --workdir runs/cd_decoder_stage3
 
-Rerunning the same command resumes from the workdir's latest checkpoint. On
+Rerunning the same command resumes from the workdir's latest checkpoint, with
+the compiled programs of earlier processes (``<cdft cache>/xla-train``; off with
+``CDFT_NO_COMPILE_CACHE=1``). On
 several hosts add ``--distributed`` (TPU pods and SLURM are auto-detected by
 ``jax.distributed.initialize``; elsewhere pass ``--coordinator_address``,
 ``--num_processes`` and ``--process_id``). See launch/slurm_gpu.sh and
@@ -39,6 +41,7 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from cdft import train  # pylint: disable=import-outside-toplevel
   from cdft.errors import CdftError  # pylint: disable=import-outside-toplevel
+  train.enable_compile_cache()  # the next process of this run compiles nothing it has seen
   try:
     result = train.run(_CONFIG.value, _WORKDIR.value)
   except CdftError as e:

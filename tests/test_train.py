@@ -278,3 +278,28 @@ def test_typo_in_override_fails(tmp_path):
        f"--config={CONFIGS / 'cd_decoder.py'}:runlocal", f"--workdir={tmp_path}",
        "--config.batchsize=4"], capture_output=True, text=True, cwd=REPO, timeout=120)
   assert proc.returncode != 0 and "batchsize" in proc.stderr
+
+
+def test_training_processes_keep_their_compiled_programs(tmp_path):
+  """launch/train.py turns JAX's persistent cache on in <cdft cache>/xla-train, unless a cache
+  is configured already or CDFT_NO_COMPILE_CACHE=1 (each case in a fresh process)."""
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = ("import jax; from cdft import train; "
+          "print(train.enable_compile_cache(), jax.config.jax_compilation_cache_dir, "
+          "jax.config.jax_persistent_cache_min_compile_time_secs)")
+  base = {k: v for k, v in os.environ.items()
+          if k not in ("JAX_COMPILATION_CACHE_DIR", "CDFT_NO_COMPILE_CACHE")}
+  base["CDFT_CACHE_DIR"] = str(tmp_path / "cdft")
+
+  def run(**env):
+    out = subprocess.run([sys.executable, "-c", code], env=dict(base, **env), check=True,
+                         capture_output=True, text=True).stdout.split()
+    return out
+
+  folder = str(tmp_path / "cdft" / "xla-train")
+  assert run() == [folder, folder, "0.0"]
+  mine = str(tmp_path / "mine")
+  assert run(JAX_COMPILATION_CACHE_DIR=mine)[:2] == [mine, mine]
+  assert run(CDFT_NO_COMPILE_CACHE="1")[:2] == ["None", "None"]
