@@ -10,7 +10,7 @@
 """
 import os
 
-METHODS = {"cd16x": "wct", "adain-16x": "adain", "adain-vgg": "adain"}
+MODELS = ("cd16x", "adain-16x", "adain-vgg")
 
 
 def stylizer(name, weights_dir=None):
@@ -19,8 +19,8 @@ def stylizer(name, weights_dir=None):
   from cdft.errors import WeightError
   from cdft.stylize import cascade
   from cdft.weights import pretrained
-  if name not in METHODS:
-    raise SystemExit(f"unknown benchmark model {name!r}; choose from {', '.join(METHODS)}")
+  if name not in MODELS:
+    raise SystemExit(f"unknown benchmark model {name!r}; choose from {', '.join(MODELS)}")
   if name == "cd16x":
     return (cascade.Stylizer(pretrained.load_levels("cd16x", weights_dir=weights_dir)),
             cascade.DEFAULT_LEVELS, "released 16x WCT students")

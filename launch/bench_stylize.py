@@ -74,7 +74,8 @@ def child(args):
   median = statistics.median(runs[1:])
   rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   print(json.dumps({
-      "config": args.config, "model": args.model, "weights": what, "content_hw": list(content.shape[:2]), "style_hw": list(style.shape[:2]),
+      "config": args.config, "model": args.model, "weights": what,
+      "content_hw": list(content.shape[:2]), "style_hw": list(style.shape[:2]),
       "output_hw": list(out.shape[:2]), "warmup_s": runs[0], "runs_s": runs[1:], "median_s": median,
       "compile_s": max(runs[0] - median, 0.0), "peak_rss_kb": rss_kb,
       "level_s": {k: statistics.median(l[k] for l in levels[1:]) for k in levels[0]},

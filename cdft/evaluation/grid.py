@@ -320,8 +320,8 @@ def evaluate(models, contents, styles, teacher, out_dir, content_size=256, style
         done += 1
         dist = ", ".join(_fmt(row["style_distance"][n]) for n in layers)
         log(f"[{done}/{total}] {name}: {content_names[i]} x {style_names[j]}: "
-            f"{'S' if method == 'adain' else 'D'} = {dist}; content {_fmt(row['content_loss'])}; SSIM {_fmt(row['ssim'])} "
-            f"({seconds:.2f} s)")
+            f"{'S' if method == 'adain' else 'D'} = {dist}; "
+            f"content {_fmt(row['content_loss'])}; SSIM {_fmt(row['ssim'])} ({seconds:.2f} s)")
     sheet = contact_sheet(content_images, style_images, cells, thumb)
     sheets[name] = f"contact_{safe[name]}.png"
     image_io.save_image(out_dir / sheets[name], sheet)

@@ -71,7 +71,12 @@ def _shift(extent, k, ceil=False):
 
 
 def _region_mask(shape, extent):
-  """(H * W,) bool: the positions of an (N=1, H, W, C) canvas inside ``extent``."""
+  """(H * W,) bool: the positions of an (N=1, H, W, C) canvas inside ``extent``.
+
+  (:func:`cdft.models.layers.zero_outside` builds the same mask inside the
+  encoder; this module does not import :mod:`~cdft.models.layers`, which
+  imports Flax: a warm process runs without it.)
+  """
   rows = jax.lax.iota(jnp.int32, shape[1]) < extent[0]
   cols = jax.lax.iota(jnp.int32, shape[2]) < extent[1]
   return (rows[:, None] & cols[None, :]).reshape(-1)

@@ -196,7 +196,8 @@ def run(args, out=None):
   t0 = time.perf_counter()
   stylizer = _stylizer(args)
   net_width = tile_plan.full_resolution_width(stylizer.levels)  # for the memory estimates
-  print(f"loaded {args.model} {_what(args.method, sorted(stylizer.levels))} in {time.perf_counter() - t0:.2f}s", file=out, flush=True)
+  print(f"loaded {args.model} {_what(args.method, sorted(stylizer.levels))} in "
+        f"{time.perf_counter() - t0:.2f}s", file=out, flush=True)
   loaded_styles, styles, style_stats = None, None, None
   written = []
 

@@ -11,17 +11,19 @@ and an offset ``b``, which the decoder's first convolution absorbs:
 So one cascade (:mod:`cdft.stylize.cascade`: buckets, the compile cache, the
 style cache) and one tiler (:mod:`cdft.stylize.tiled`) serve both.
 """
+import jax.numpy as jnp
+
+from cdft.models import adain
 from cdft.stylize import wct
 
 METHODS = ("wct", "adain")
-ADAIN_EPS = 1e-5  # pytorch-AdaIN's calc_mean_std: std = sqrt(unbiased var + eps)
 
 
-def adain_matrix(content, style, alpha=1.0, rtol=None, xp=None):
+def adain_matrix(content, style, alpha=1.0, rtol=None, xp=jnp):
   """pytorch-AdaIN's feature mix as an affine map: ``out = f @ M.T + b``.
 
-  With ``sigma = sqrt(var + 1e-5)`` (unbiased variance: the diagonal of the
-  covariance), each style gives ``(f - mu_c) / sigma_c * sigma_s + mu_s``;
+  With ``sigma = sqrt(var + 1e-5)`` (:func:`cdft.models.adain.mean_std`'s;
+  the unbiased variance is the diagonal of the covariance), each style gives ``(f - mu_c) / sigma_c * sigma_s + mu_s``;
   several styles are summed with weights normalized to 1 (as ``test.py``
   normalizes ``--style_interpolation_weights``), then blended with the
   content features: ``alpha * mix + (1 - alpha) * f``.
@@ -37,15 +39,13 @@ def adain_matrix(content, style, alpha=1.0, rtol=None, xp=None):
     (M (C, C) diagonal, b (C,)) in the statistics dtype.
   """
   del rtol
-  if xp is None:
-    import jax.numpy as xp  # pylint: disable=import-outside-toplevel
-  c_std = xp.sqrt(xp.diagonal(content.cov) + ADAIN_EPS)
+  c_std = xp.sqrt(xp.diagonal(content.cov) + adain.EPS)
   styles = [(1.0, style)] if isinstance(style, wct.Stats) else list(style)
   total = sum(w for w, _ in styles)
   scale = xp.zeros_like(content.mean)
   offset = xp.zeros_like(content.mean)
   for weight, s in styles:
-    gain = xp.sqrt(xp.diagonal(s.cov) + ADAIN_EPS) / c_std
+    gain = xp.sqrt(xp.diagonal(s.cov) + adain.EPS) / c_std
     scale = scale + (weight / total) * gain
     offset = offset + (weight / total) * (s.mean - gain * content.mean)
   return xp.diag(alpha * scale + (1.0 - alpha)), alpha * offset
