@@ -22,6 +22,19 @@ reported. The cache-less start-up is calibrated too: ``python -c 'import jax,
 flax.linen, cdft.stylize.cli; jax.devices()'``, which the baseline timed at
 1.04-1.19 s on its machine.
 
+The official figures were measured on one VM of this kind, and these VMs
+differ (AVX2 or AVX-512, and speed). ``--reference CMD`` times a reference
+implementation on this machine, in the same run, one process per photo as the
+baseline did: ``CMD`` is a command template with the fields ``{weights}``
+(the ``cd_wct16x`` folder), ``{content}``, ``{style}``, ``{content_size}``,
+``{style_size}`` (0: no resize) and ``{output}``. Each reference run
+alternates with a cdft run of the same workload, and the table gains the
+ratio against it. For example, with a checkout of the official code and a
+driver of your own beside it (not part of cdft):
+
+  python launch/bench_cli.py --reference \
+    "/path/to/torch-venv/bin/python /path/to/driver.py {weights} {content} {style} {content_size} {style_size} {output}"
+
   python launch/bench_cli.py --weights-dir ../shared/weights --out benchmarks/cli_cpu.json
 """
 import argparse
@@ -29,6 +42,7 @@ import json
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -117,6 +131,9 @@ def main():
   p.add_argument("--calibration", type=pathlib.Path, default=None,
                  help="JSON of a --calibrate run on this machine: adds the ratio transferred to "
                       "the baseline's machine (this run / 5250f36 here x 5250f36 there / official)")
+  p.add_argument("--reference", default=None, metavar="CMD",
+                 help="command template of a reference implementation, timed on this machine "
+                      "one process per photo beside each cdft run (see the module docstring)")
   args = p.parse_args()
   args.tree = None if args.calibrate is None else args.calibrate.resolve()
   args.weights_dir, args.images = args.weights_dir.resolve(), args.images.resolve()
@@ -136,6 +153,25 @@ def main():
       # From the other checkout's folder, so that its cdft is the one imported.
       return _measure(cmd, dict(env, CDFT_CACHE_DIR=str(cache)), cwd=args.tree)
 
+    reference = {}
+
+    def run_reference(name, photos, style_path, content_size, style_size):
+      """One reference process per photo, as the baseline; returns (total wall, max RSS)."""
+      if args.reference is None:
+        return
+      total, rss = 0.0, 0.0
+      out = work / "ref_out"
+      out.mkdir(exist_ok=True)
+      for photo in photos:
+        cmd = shlex.split(args.reference.format(
+            weights=args.weights_dir / "cd_wct16x", content=photo, style=style_path,
+            content_size=content_size or 0, style_size=style_size or 0,
+            output=out / (pathlib.Path(photo).stem + ".png")))
+        wall, peak, _ = _measure(cmd, dict(os.environ))
+        total, rss = total + wall, max(rss, peak)
+      reference.setdefault(name, []).append((total, rss))
+      print(f"  reference {name}: {total:.2f}s", flush=True)
+
     if "import" in chosen:
       results["import"] = _median_row([run([sys.executable, "-c", IMPORT_CMD], work / "c0")
                                        for _ in range(args.repeats)])
@@ -147,6 +183,7 @@ def main():
         cmd = _stylize_cmd(eight, style, work / f"out_eight{i}", args, 512, 512)
         cold.append(run(cmd, cache))
         warm.append(run(cmd, cache))
+        run_reference("eight", sorted(eight.iterdir()), style, 512, 512)
         print(f"8 photos, run {i}: cold {cold[-1][0]:.2f}s, warm {warm[-1][0]:.2f}s", flush=True)
       results["eight_cold"], results["eight_warm"] = _median_row(cold), _median_row(warm)
     if "one_512" in chosen:
@@ -154,7 +191,10 @@ def main():
       photo = args.images / "content" / "adain_brad_pitt.jpg"
       cmd = _stylize_cmd(photo, style, work / "out_512.png", args, 512, 512)
       first = run(cmd, cache)
-      second = [run(cmd, cache) for _ in range(args.repeats)]
+      second = []
+      for _ in range(args.repeats):
+        second.append(run(cmd, cache))
+        run_reference("one_512", [photo], style, 512, 512)
       results["one_512_first"] = _median_row([first])
       results["one_512_second"] = _median_row(second)
       print(f"one 512x512: first {first[0]:.2f}s, second {results['one_512_second']}", flush=True)
@@ -175,7 +215,10 @@ def main():
       cache = work / f"cache_{name}"
       cmd = _stylize_cmd(content, style_1024, work / f"out_{name}.png", args)
       first = run(cmd, cache)
-      warm = [run(cmd, cache) for _ in range(args.repeats)]
+      warm = []
+      for _ in range(args.repeats):
+        warm.append(run(cmd, cache))
+        run_reference(name, [content], style_1024, None, None)
       results[name + "_first"] = _median_row([first])
       results[name] = _median_row(warm)
       print(f"{name}: first {first[0]:.2f}s, then {results[name]}", flush=True)
@@ -229,6 +272,23 @@ def main():
     print(f"| {name} | {row['median_s']} ({', '.join(map(str, row['runs_s']))}) | "
           f"{row['peak_rss_mib']} | {r if r else '-'} | {ratio} | {round(m) if m else '-'} | "
           f"{mratio} | {here or '-'} / {there or '-'} | {cal} |")
+  here = {name: _median_row(rows) for name, rows in reference.items()}
+  versus = {"eight_cold": "eight", "eight_warm": "eight", "eight_after_warmup": "eight",
+            "one_512_second": "one_512", "one_2048": "one_2048", "one_uhd": "one_uhd"}
+  ratio_here = {}
+  if here:
+    print("\n| workload | cdft median (s) | reference on this machine (s) | cdft / reference "
+          "| cdft / reference, peak RSS |")
+    print("|---|---|---|---|---|")
+    for name, row in results.items():
+      ref_row = here.get(versus.get(name))
+      if ref_row is None:
+        continue
+      ratio_here[name] = {"time": round(row["median_s"] / ref_row["median_s"], 3),
+                          "peak_rss": round(row["peak_rss_mib"] / ref_row["peak_rss_mib"], 3)}
+      print(f"| {name} | {row['median_s']} | {ref_row['median_s']} "
+            f"({', '.join(map(str, ref_row['runs_s']))}) | {ratio_here[name]['time']:.2f}x | "
+            f"{ratio_here[name]['peak_rss']:.2f}x |")
   if args.out:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
@@ -239,6 +299,8 @@ def main():
         "official_peak_rss_mib": ref_rss, "cdft_5250f36_baseline_machine_s": old_there,
         "cdft_5250f36_this_machine_s": old_here, "ratio_transferred": transferred,
         "tree": None if args.tree is None else str(args.tree),
+        "reference_cmd": args.reference, "reference_this_machine": here,
+        "ratio_to_reference_this_machine": ratio_here,
         "measured": time.strftime("%Y-%m-%d %H:%M"),
     }, indent=1) + "\n")
 
