@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from cdft import losses
+from cdft import models
 from cdft import weights
 from cdft.errors import CdftError
 from cdft.models import adain
@@ -122,7 +123,7 @@ class StudentTask(_AdaINTask):
                               teacher=self.frozen["encoder"], weights_dir=self.weights_dir)
     # The heads Q_i start fresh (PyTorch's default init), mapping to E's widths.
     probe = tuple(np.zeros((1, 1, 1, w), np.float32) for w in self.embedding.widths[:STAGE])
-    embedding = jax.device_get(self.embedding.init(jax.random.key(seed + 1), probe)["params"])
+    embedding = jax.device_get(models.init(self.embedding, jax.random.key(seed + 1), probe)["params"])
     return {"params": {"encoder": encoder, "embedding": embedding}, "model_state": {}}
 
   def _embedded(self, params, x):

@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from cdft import losses
+from cdft import models
 from cdft import weights
 from cdft.errors import CdftError
 from cdft.models import factor_transfer as ft
@@ -173,7 +174,7 @@ class ClassifierTask(_Task):
 
   def init(self, rng, batch):
     _check_labels(batch, self.num_classes, "task 'classifier'")
-    variables = self.model.init(rng, np.asarray(batch["image"][:1]))
+    variables = models.init(self.model, rng, np.asarray(batch["image"][:1]))
     return {"params": {"classifier": variables["params"]},
             "model_state": {"classifier": variables["batch_stats"]}}
 
@@ -252,7 +253,7 @@ class StudentTask(_Task):
   def init(self, rng, batch):
     _check_labels(batch, self.num_classes, "task 'ft_student'")
     k_student, k_head = jax.random.split(rng)
-    variables = self.student.init(k_student, np.asarray(batch["image"][:1]))
+    variables = models.init(self.student, k_student, np.asarray(batch["image"][:1]))
     params = {"student": variables["params"]}
     state = {"student": variables["batch_stats"]}
     if self.method in ("none", "kd"):
@@ -265,7 +266,7 @@ class StudentTask(_Task):
         raise CdftError(f"{self.method}: student {layer} {tuple(s.shape[1:])} and teacher "
                         f"{layer} {tuple(t.shape[1:])} differ in spatial size")
     if self.head is not None:
-      head = self.head.init(k_head, np.zeros(s_feats[self.head_input].shape, np.float32))
+      head = models.init(self.head, k_head, np.zeros(s_feats[self.head_input].shape, np.float32))
       params[self.head_name] = head["params"]
       if "batch_stats" in head:
         state[self.head_name] = head["batch_stats"]

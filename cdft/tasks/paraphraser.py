@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cdft import losses
+from cdft import models
 from cdft.errors import CdftError
 from cdft.models import factor_transfer as ft_models
 
@@ -64,7 +65,7 @@ class ParaphraserTask:
 
   def init(self, rng, batch):
     probe = np.zeros(self.tap.probe_shape(batch), np.float32)
-    return {"params": {"paraphraser": self.paraphraser.init(rng, probe)["params"]},
+    return {"params": {"paraphraser": models.init(self.paraphraser, rng, probe)["params"]},
             "model_state": {}}
 
   def loss(self, params, model_state, frozen, batch, rng):

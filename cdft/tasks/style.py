@@ -124,7 +124,7 @@ class StudentEncoderTask(_StyleTask):
     if self.method == "factor_transfer":
       probe = np.zeros((1, 2, 2, self.translator.in_channels), np.float32)
       params["translator"] = jax.device_get(
-          self.translator.init(jax.random.key(seed + 2), probe)["params"])
+          models.init(self.translator, jax.random.key(seed + 2), probe)["params"])
     return {"params": params, "model_state": {}}
 
   def trainable(self, params):

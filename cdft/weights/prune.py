@@ -262,7 +262,7 @@ def init_embedding(key, stage, widths=None, teacher_widths=vgg.VGG19_WIDTHS):
   widths = _widths(stage, widths)
   module = vgg.Embedding(stage=stage, widths=widths, teacher_widths=tuple(teacher_widths))
   feats = tuple(jnp.zeros((1, 1, 1, widths[i]), jnp.float32) for i in range(stage))
-  return jax.tree.map(np.asarray, {"params": module.init(key, feats)["params"]})
+  return jax.tree.map(np.asarray, {"params": models.init(module, key, feats)["params"]})
 
 
 def prune_student(key, stage, encoder_params, decoder_params=None, preset="16x", order="l1"):

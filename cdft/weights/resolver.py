@@ -114,7 +114,7 @@ def _probe(stage):
 
 
 def _random_params(module, x, seed):
-  return jax.device_get(module.init(jax.random.key(seed), x)["params"])
+  return jax.device_get(models.init(module, jax.random.key(seed), x)["params"])
 
 
 def _unwrap(tree):
@@ -272,7 +272,7 @@ def _classifier(spec, name, num_classes, widths=(), seed=0):
   module = classifier_module(name, num_classes, widths)
   abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), _PROBE))
   if spec == "random":
-    variables = jax.device_get(module.init(jax.random.key(seed), _PROBE))
+    variables = jax.device_get(models.init(module, jax.random.key(seed), _PROBE))
     return module, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   path = _expand(spec)
   if path.is_dir():
@@ -325,7 +325,7 @@ def _paraphraser(spec, in_channels, rate=0.5, seed=0, weights_dir=None):
   if spec == "random":
     module = ft_models.Paraphraser(int(in_channels), float(rate))
     probe = np.zeros((1, 2, 2, int(in_channels)), np.float32)
-    return module, jax.device_get(module.init(jax.random.key(seed), probe)["params"])
+    return module, jax.device_get(models.init(module, jax.random.key(seed), probe)["params"])
   path = _expand(spec)
   if spec == "released" or (path.is_file() and path.suffix in (".pth", ".pt")):
     from cdft.weights import ft as ft_weights  # pylint: disable=import-outside-toplevel
