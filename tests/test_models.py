@@ -1,11 +1,12 @@
 """Architecture tests: parameter counts (spec tables), shapes, layer equivalences."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cdft import models
-from cdft.models import layers, vgg
+from cdft.models import layers, norm, vgg
 
 
 def _count(tree):
@@ -172,9 +173,65 @@ def test_init_is_the_eager_init_bit_for_bit():
   """``models.init`` (one program, optimisation level 2) gives Flax's eager values exactly."""
   from cdft.models import factor_transfer  # pylint: disable=import-outside-toplevel
   x = np.random.default_rng(0).random((1, 8, 8, 32), np.float32)
-  for module in (models.get_model("decoder", 2, "16x"), factor_transfer.Paraphraser(in_channels=32, rate=0.5)):
+  for module in (models.get_model("decoder", 2, "16x"),
+                 factor_transfer.Paraphraser(in_channels=32, rate=0.5)):
     want = jax.device_get(module.init(jax.random.key(3), x))
     got = jax.device_get(models.init(module, jax.random.key(3), x))
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(a, b)
+
+
+def _at_level(fn, level, *args):
+  options = {"xla_backend_optimization_level": level}
+  return jax.device_get(jax.jit(fn, compiler_options=options)(*args))
+
+
+class _Block(nn.Module):
+  """A residual block of the CIFAR ResNets' op kinds (conv, train-mode BatchNorm, ReLU)."""
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.relu(norm.BatchNorm(use_running_average=False)(nn.Conv(8, (3, 3))(x)))
+    y = norm.BatchNorm(use_running_average=False)(nn.Conv(8, (3, 3))(y))
+    y = nn.relu(y + nn.Conv(8, (1, 1))(x))
+    return nn.Dense(10)(jnp.mean(nn.Conv(8, (3, 3), strides=2)(y), axis=(1, 2)))
+
+
+def test_optimisation_levels_2_and_3_give_the_same_numbers():
+  """The tests run XLA:CPU at level 2 (conftest.py), users at the default 3: same bits.
+
+  Checked on the two kinds of program the golden tests pin down: a training
+  step's loss and gradients (a residual block in train mode, cross-entropy) and a
+  stylization level (16x encoder, the WCT-style affine map of its features, decoder).
+  """
+  import optax  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  net = _Block()
+  image = rng.standard_normal((4, 16, 16, 3)).astype(np.float32)
+  labels = np.array([0, 3, 5, 9])
+  variables = models.init(net, jax.random.key(0), image)
+
+  def train_loss(params):
+    logits, _ = net.apply({"params": params, "batch_stats": variables["batch_stats"]}, image,
+                          mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  step = jax.value_and_grad(train_loss)
+  enc, dec = models.get_model("encoder", 3, "16x"), models.get_model("decoder", 3, "16x")
+  content = rng.random((1, 40, 48, 3), np.float32)
+  pe = models.init(enc, jax.random.key(1), content)
+  feat = enc.apply(pe, content)
+  pd = models.init(dec, jax.random.key(2), feat)
+  width = feat.shape[-1]
+  matrix = np.eye(width, dtype=np.float32) + 0.1 * rng.standard_normal((width, width), np.float32)
+  bias = rng.standard_normal(width).astype(np.float32)
+
+  def level(x):
+    f = enc.apply(pe, x)
+    return dec.apply(pd, f @ matrix.T + bias)
+
+  for fn, args in ((step, (variables["params"],)), (level, (content,))):
+    two, three = _at_level(fn, 2, *args), _at_level(fn, 3, *args)
+    for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(three), strict=True):
       np.testing.assert_array_equal(a, b)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cdft import train
+from conftest import xla_flags
 from cdft.training import checkpointing
 from cdft.training import metrics as metrics_lib
 from cdft.training import sharding
@@ -248,7 +249,7 @@ def _launch(workdir, folder, data_dir, process_id=None, num_processes=1, port=No
   if num_processes > 1:
     args += ["--distributed", f"--coordinator_address=127.0.0.1:{port}",
              f"--num_processes={num_processes}", f"--process_id={process_id}"]
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
              JAX_PLATFORMS="cpu")
   return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, cwd=REPO)
