@@ -101,11 +101,16 @@ class _StopFlag:
 
 def make_input(input_cfg, *, global_batch_size, seed, start_step, train=True):
   """This process's data iterator for ``config.input`` (see :mod:`cdft.data`)."""
-  from cdft.data import pipeline, preprocess, sources  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from cdft.data import augment, pipeline, preprocess, sources
   source = sources.get_source(input_cfg.dataset, input_cfg.split,
                               data_dir=input_cfg.data_dir or None,
                               manual_dir=input_cfg.manual_dir or None)
-  fn = preprocess.get_preprocess(input_cfg.preprocess, **input_cfg.pp.to_dict())
+  if input_cfg.get("on_device", False):  # The task preprocesses in its step.
+    augment.device_op(input_cfg)  # A bad op or argument fails here, before any batch.
+    fn = None if train and hasattr(source, "get_batch") else augment.host_op
+  else:
+    fn = preprocess.get_preprocess(input_cfg.preprocess, **input_cfg.pp.to_dict())
   if train:
     return pipeline.make_train_iterator(
         source, fn, global_batch_size=global_batch_size, seed=seed, start_step=start_step,

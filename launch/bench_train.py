@@ -77,7 +77,10 @@ def child(args):
   repl = sharding.replicated(mesh)
   task = tasks.get_task(config)
   rng = np.random.default_rng(0)
-  host_batch = {"image": rng.random((batch, side, side, 3), dtype=np.float32)}
+  if config.input.get("on_device", False):  # uint8 pixels, prepared inside the step
+    host_batch = {"image": rng.integers(0, 256, (batch, side, side, 3), dtype=np.uint8)}
+  else:
+    host_batch = {"image": rng.random((batch, side, side, 3), dtype=np.float32)}
   if "num_classes" in config:  # classification steps also take integer labels
     host_batch["label"] = rng.integers(0, config.num_classes, batch).astype(np.int32)
   schedule = optim.make_schedule(config.schedule, config.optimizer.learning_rate, 1000, 1000)

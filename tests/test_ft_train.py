@@ -23,6 +23,7 @@ from cdft import train
 from cdft import weights
 from cdft.errors import CdftError
 from cdft.training import checkpointing
+from conftest import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = (4, 8, 16)
@@ -156,8 +157,14 @@ def tiny_batch():
           "label": np.array([0, 3, 7, 9], np.int32)}
 
 
+def _host_prepared(config):
+  """The tests below feed float batches, as the host preprocessing would give them."""
+  config.input.on_device = config.eval_input.on_device = False
+  return config
+
+
 def _student_task(method):
-  config = load_config("ft_student", f"method={method},runlocal")
+  config = _host_prepared(load_config("ft_student", f"method={method},runlocal"))
   config.teacher.workdir = "random"
   config.distill.paraphraser = "random"
   config.teacher.model = "resnet20"
@@ -232,7 +239,7 @@ def test_reconstruction_loss_and_masked_evaluation_match_numpy():
       np.mean(np.abs(rec - target)), rel=1e-6)
   assert float(losses.paraphraser_reconstruction(rec, target, "mse")) == pytest.approx(
       np.mean((rec - target) ** 2), rel=1e-6)
-  config = load_config("ft_teacher", "model=resnet20,runlocal")
+  config = _host_prepared(load_config("ft_teacher", "model=resnet20,runlocal"))
   config.model.widths = TINY
   task = tasks.get_task(config)
   batch = {"image": rng.normal(size=(4, 8, 8, 3)).astype(np.float32),
@@ -283,7 +290,7 @@ def test_released_paraphraser_as_the_frozen_one(weights_dir):
 
 def _cli(config_arg, workdir, *overrides):
   """``launch/train.py`` on one CPU device (faster than 8 fake ones for these small batches)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              JAX_PLATFORMS="cpu")
   proc = subprocess.run(
       [sys.executable, str(REPO / "launch" / "train.py"),

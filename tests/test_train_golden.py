@@ -163,6 +163,8 @@ def ft_task(golden, tmp_path_factory):
   from cdft.weights import torch_format  # pylint: disable=import-outside-toplevel
   folder = tmp_path_factory.mktemp("ft_golden")
   config = load_config("ft_student", "")
+  # The stored batch is the official loop's, already cropped, flipped and normalised.
+  config.input.on_device = config.eval_input.on_device = False
   for module, attr in (("ft.teacher", "teacher.workdir"), ("ft.paraphraser",
                                                              "distill.paraphraser")):
     path = folder / f"{module}.pth"

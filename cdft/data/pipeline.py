@@ -22,7 +22,8 @@ processes:
     ``MAX_ATTEMPTS`` failures in a row for one position the iterator raises
     ``CdftError``.
 Examples are loaded and preprocessed in a thread pool; batches come out in
-order, ``prefetch`` batches are prepared ahead.
+order, ``prefetch`` batches are prepared ahead. Without a preprocessing
+function an in-memory source gives each batch as one gather by index.
 
 Evaluation (``make_eval_iterator``): one pass over the split in source order,
 the last global batch padded to the batch size; each batch has 'mask' (1.0 for
@@ -179,6 +180,11 @@ class TrainIterator(_BatchIterator):
     self.process_index, self.process_count = _process_layout(process_index, process_count)
     self.local_batch_size = _local_batch(self.global_batch_size, self.process_count,
                                          "global batch size")
+    if preprocess_fn is None:
+      if not hasattr(source, "get_batch"):
+        raise CdftError(f"{getattr(source, 'name', source)!s}: no preprocessing needs a source "
+                        "with get_batch (an in-memory ArraySource)")
+      num_threads = 0
     super().__init__(source, preprocess_fn, num_threads, prefetch)
     self.steps_per_epoch = max(1, self.num_examples // self.global_batch_size)
     self._next_submit = self.step
@@ -229,6 +235,10 @@ class TrainIterator(_BatchIterator):
     self._pending.append(self._submit(tasks))
 
   def __next__(self):
+    if self.preprocess_fn is None:  # As stored: one gather, no threads.
+      batch = self.source.get_batch(self.source_indices(self.step))
+      self.step += 1
+      return batch
     while len(self._pending) < self._prefetch + 1:
       self._submit_step(self._next_submit)
       self._next_submit += 1
@@ -328,7 +338,9 @@ def make_train_iterator(source, preprocess_fn, *, global_batch_size, seed, start
     source: random-access source (``len``, ``[i]`` -> dict), e.g. from
       ``cdft.data.sources.get_source``.
     preprocess_fn: ``fn(example, rng) -> dict`` of fixed-shape arrays, e.g.
-      from ``cdft.data.preprocess.get_preprocess``.
+      from ``cdft.data.preprocess.get_preprocess``; None: the examples as
+      stored, gathered a batch at a time by ``source.get_batch(indices)`` (the
+      in-memory sources; the step does the preprocessing, ``cdft.data.augment``).
     global_batch_size: G, the batch over all processes.
     seed: non-negative integer; fixes the order and the augmentation.
     start_step: the global step of the first batch (resuming).

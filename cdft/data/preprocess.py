@@ -124,7 +124,8 @@ def adain_train(image, rng, *, size=512, crop=256, resample="bilinear", min_side
   return np.ascontiguousarray(as_float(_random_crop(rgb, crop, rng)))
 
 
-def _normalizer(stats, mean, std):
+def normalizer(stats, mean, std):
+  """float32 (mean, std) of ``stats`` ('cifar10', 'cifar100', 'none'), or the given ones."""
   if stats not in CIFAR_STATS:
     raise CdftError(f"unknown CIFAR statistics {stats!r}; use one of {', '.join(CIFAR_STATS)}")
   mean = np.asarray(CIFAR_STATS[stats][0] if mean is None else mean, np.float32)
@@ -154,7 +155,7 @@ def cifar_train(image, rng, *, pad=4, crop=32, flip=True, stats="cifar10", mean=
   Returns:
     float32 (crop, crop, 3), ``(x - mean) / std`` of x in [0, 1].
   """
-  mean, std = _normalizer(stats, mean, std)
+  mean, std = normalizer(stats, mean, std)
   rgb = as_float(to_rgb(image))
   if pad:
     if padding_mode not in ("constant", "reflect"):
@@ -177,7 +178,7 @@ def cifar_eval(image, rng=None, *, stats="cifar10", mean=None, std=None, **unuse
   bad = set(unused) - {"pad", "crop", "flip", "padding_mode"}
   if bad:
     raise CdftError(f"cifar_eval got unexpected arguments: {', '.join(sorted(bad))}")
-  mean, std = _normalizer(stats, mean, std)
+  mean, std = normalizer(stats, mean, std)
   rgb = as_float(to_rgb(image))
   return np.ascontiguousarray((rgb - mean) / std, dtype=np.float32)
 
@@ -243,4 +244,7 @@ def _validate(name, kwargs):
   if "resample" in kwargs:
     resample_filter(kwargs["resample"])
   if name.startswith("cifar"):
-    _normalizer(kwargs.get("stats", "cifar10"), kwargs.get("mean"), kwargs.get("std"))
+    normalizer(kwargs.get("stats", "cifar10"), kwargs.get("mean"), kwargs.get("std"))
+  if kwargs.get("padding_mode", "constant") not in ("constant", "reflect"):
+    raise CdftError(f"{name}: padding_mode must be 'constant' or 'reflect', got "
+                    f"{kwargs['padding_mode']!r}")

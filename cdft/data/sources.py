@@ -2,7 +2,8 @@
 
 Every source returns examples with 'image' (uint8, H x W x 3, decoded) and,
 for labelled data, 'label' (int). Sources also have ``src.__getitems__(indices)``
-(a list of examples) and a ``name`` for messages.
+(a list of examples) and a ``name`` for messages; the in-memory ones (CIFAR,
+digits: ``ArraySource``) also ``src.get_batch(indices)`` (one stacked batch).
 
 Datasets (``get_source(name, split, ...)``):
   image_folder: every image under ``manual_dir`` (recursive), built once into
@@ -12,7 +13,8 @@ Datasets (``get_source(name, split, ...)``):
   coco: TFDS ``coco/2017`` already prepared in ``data_dir`` in the array_record
     format (building it needs TensorFlow). Image only, plus 'filename'.
   cifar10 / cifar100: TFDS, prepared (array_record) in ``data_dir``; 'train' /
-    'test'; cifar100's 'label' is the fine (100-class) label.
+    'test'; cifar100's 'label' is the fine (100-class) label. Read into memory
+    once (uint8).
   digits: scikit-learn's ``load_digits`` (1,797 real 8 x 8 handwritten digits
     with 17 grey levels, shipped inside the scikit-learn wheel). Each image is
     scaled to uint8 (v * 255 / 16, rounded), upscaled to 32 x 32 with PIL
@@ -54,6 +56,14 @@ class ArraySource:
 
   def __getitems__(self, indices):
     return [self[i] for i in indices]
+
+  def get_batch(self, indices):
+    """The examples ``indices`` as one batch (a gather per array, no per-example work)."""
+    indices = np.asarray(indices, np.int64)
+    batch = {"image": self.images[indices]}
+    if self.labels is not None:
+      batch["label"] = self.labels[indices].astype(np.int32)
+    return batch
 
   def __repr__(self):
     return f"ArraySource({self.name}, {len(self)} examples)"
@@ -131,9 +141,18 @@ def _tfds_source(name, split, data_dir, download):
 
 
 def cifar_source(name, split, data_dir=None, download=False):
-  """CIFAR-10 / CIFAR-100 from TFDS (image uint8 32 x 32 x 3, label)."""
-  source = _tfds_source(name, split, data_dir, download)
-  return FeatureSource(source, {"image": "image", "label": "label"}, name=f"{name}:{split}")
+  """CIFAR-10 / CIFAR-100 from TFDS, read once into memory (image uint8 32 x 32 x 3, label).
+
+  A split is at most 50,000 x 3,072 bytes (150 MB); held as one array, a batch is
+  a gather (``ArraySource.get_batch``) instead of a record read per example.
+  """
+  source = FeatureSource(_tfds_source(name, split, data_dir, download),
+                         {"image": "image", "label": "label"}, name=f"{name}:{split}")
+  examples = [source[i] for i in range(len(source))]
+  if not examples:
+    raise CdftError(f"{source.name}: the split is empty")
+  return ArraySource(np.stack([np.asarray(e["image"], np.uint8) for e in examples]),
+                     np.array([e["label"] for e in examples], np.int32), name=source.name)
 
 
 def coco_source(split, data_dir=None):

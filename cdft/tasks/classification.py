@@ -40,6 +40,7 @@ import optax
 from cdft import losses
 from cdft import models
 from cdft import weights
+from cdft.data import augment
 from cdft.errors import CdftError
 from cdft.models import factor_transfer as ft
 from cdft.tasks import paraphraser
@@ -78,6 +79,10 @@ def input_config(dataset, split, train=True, padding_mode="constant"):
   inp.data_dir = ""  # TFDS data_dir of the prepared CIFAR ('' = TFDS default).
   inp.manual_dir = ""  # Unused by these datasets.
   inp.preprocess = "cifar_train" if train else "cifar_eval"  # cdft.data.preprocess op.
+  # Run that op inside the jitted step (cdft.data.augment): the host ships uint8
+  # pixels gathered by index, the device pads, crops, flips and normalises.
+  # False: the numpy op on the host, per example, in a thread pool.
+  inp.on_device = True
   inp.pp = ml_collections.ConfigDict()  # Keyword arguments of the preprocessing.
   if dataset == "digits":
     inp.pp.stats = "none"  # No CIFAR statistics ...
@@ -138,13 +143,24 @@ def _feature_shapes(module, batch=None):
 
 
 class _Task:
-  """Shared pieces: the config and the held-out split."""
+  """Shared pieces: the config, the held-out split and the in-step preprocessing."""
 
   def __init__(self, config):
     self.config = config
     self.num_classes = int(config.num_classes)
     self.eval_input = config.get("eval_input")
     self.frozen = {}
+    self._train_images = augment.device_op(config.get("input"))
+    self._eval_images = augment.device_op(self.eval_input)
+
+  def _images(self, batch, rng):
+    """The training batch's images as the networks take them (augmented on the device
+    when ``config.input.on_device``, from the step's ``rng``)."""
+    return self._train_images(batch["image"], rng)
+
+  def _probe(self, batch):
+    """``{'image': zeros}`` shaped as one prepared training image of ``batch``."""
+    return {"image": augment.probe(self._train_images, batch["image"])}
 
   def _teacher(self, teacher_cfg):
     module, variables = weights.resolve(
@@ -174,21 +190,22 @@ class ClassifierTask(_Task):
 
   def init(self, rng, batch):
     _check_labels(batch, self.num_classes, "task 'classifier'")
-    variables = models.init(self.model, rng, np.asarray(batch["image"][:1]))
+    variables = models.init(self.model, rng, self._probe(batch)["image"])
     return {"params": {"classifier": variables["params"]},
             "model_state": {"classifier": variables["batch_stats"]}}
 
   def loss(self, params, model_state, frozen, batch, rng):
-    del frozen, rng
+    del frozen
     (logits, _), new = self.model.apply(
         {"params": params["classifier"], "batch_stats": model_state["classifier"]},
-        batch["image"], train=True, mutable=["batch_stats"])
+        self._images(batch, rng), train=True, mutable=["batch_stats"])
     ce, accuracy = _ce_and_accuracy(logits, batch["label"])
     return ce, ({"ce": ce, "accuracy": accuracy}, {"classifier": new["batch_stats"]})
 
   def evaluate(self, params, model_state, frozen, batch):
     del frozen
-    return _evaluate(self.model, "classifier", params, model_state, batch)
+    return _evaluate(self.model, "classifier", params, model_state,
+                     dict(batch, image=self._eval_images(batch["image"])))
 
 
 def paraphraser_task(config):
@@ -253,7 +270,8 @@ class StudentTask(_Task):
   def init(self, rng, batch):
     _check_labels(batch, self.num_classes, "task 'ft_student'")
     k_student, k_head = jax.random.split(rng)
-    variables = models.init(self.student, k_student, np.asarray(batch["image"][:1]))
+    batch = self._probe(batch)
+    variables = models.init(self.student, k_student, batch["image"])
     params = {"student": variables["params"]}
     state = {"student": variables["batch_stats"]}
     if self.method in ("none", "kd"):
@@ -273,9 +291,8 @@ class StudentTask(_Task):
     return {"params": params, "model_state": state}
 
   def loss(self, params, model_state, frozen, batch, rng):
-    del rng
     d = self.config.distill
-    image, labels = batch["image"], batch["label"]
+    image, labels = self._images(batch, rng), batch["label"]
     (logits, s_feats), new = self.student.apply(
         {"params": params["student"], "batch_stats": model_state["student"]},
         image, train=True, mutable=["batch_stats"])
@@ -313,5 +330,6 @@ class StudentTask(_Task):
 
   def evaluate(self, params, model_state, frozen, batch):
     del frozen
-    return _evaluate(self.student, "student", params, model_state, batch)
+    return _evaluate(self.student, "student", params, model_state,
+                     dict(batch, image=self._eval_images(batch["image"])))
 

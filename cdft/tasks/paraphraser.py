@@ -16,6 +16,7 @@ import numpy as np
 
 from cdft import losses
 from cdft import models
+from cdft.data import augment
 from cdft.errors import CdftError
 from cdft.models import factor_transfer as ft_models
 
@@ -62,15 +63,18 @@ class ParaphraserTask:
     rate = float(config.paraphraser.rate)
     ft_models.factor_channels(tap.channels, rate)  # a usable rate, or a clear error
     self.paraphraser = ft_models.Paraphraser(int(tap.channels), rate)
+    # config.input.on_device: the tap's images are prepared inside the step.
+    self._images = augment.device_op(config.get("input"))
 
   def init(self, rng, batch):
-    probe = np.zeros(self.tap.probe_shape(batch), np.float32)
+    probe = np.zeros(self.tap.probe_shape({"image": augment.probe(self._images, batch["image"])}),
+                     np.float32)
     return {"params": {"paraphraser": models.init(self.paraphraser, rng, probe)["params"]},
             "model_state": {}}
 
   def loss(self, params, model_state, frozen, batch, rng):
-    del rng
-    target = jax.lax.stop_gradient(self.tap.features(frozen, batch["image"]))
+    image = self._images(batch["image"], rng)
+    target = jax.lax.stop_gradient(self.tap.features(frozen, image))
     rec = self.paraphraser.apply({"params": params["paraphraser"]}, target)
     loss = losses.paraphraser_reconstruction(rec, target, self.kind)
     diff = rec - target
