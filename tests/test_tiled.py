@@ -129,20 +129,11 @@ def test_tiled_cascade_equals_whole_image(setup):
   _check_equal_without_seams(got, whole, tile, (5, 4, 3, 2, 1))
 
 
-def test_tiled_on_disk_store(setup, tmp_path):
-  stylizer, content, style, _ = setup
-  levels, tile = (4, 3), 112
-  whole = stylizer.stylize(content, style, alpha=0.7, levels=levels)
-  got = tiled.TiledStylizer(stylizer, tile=tile, on_disk=True, temp_dir=tmp_path).stylize(
-      content, style, alpha=0.7, levels=levels).to_array()
-  _check_equal_without_seams(got, whole, tile, levels)
-  assert not list(tmp_path.iterdir())  # the level files are already unlinked
-
-
 def test_in_memory_and_streamed_levels_agree(setup, tmp_path):
   # An image held in memory runs each level as one program over its tiles; an
   # image in a file runs tile by tile. The windows and arithmetic are the same.
   # So does an image in memory whose copies would not fit a quarter of the budget.
+  # (The in-memory runs equal the whole image: test_tiled_cascade_equals_whole_image.)
   stylizer, content, style, _ = setup
   small = 4 << 20
   need = tiled.TiledStylizer(stylizer, tile=96).resident_bytes(2, 520, 650)
@@ -154,6 +145,7 @@ def test_in_memory_and_streamed_levels_agree(setup, tmp_path):
             for on_disk, budget in ((False, 4 << 30), (True, 4 << 30), (False, small))]
     np.testing.assert_allclose(runs[0], runs[1], atol=2e-5)
     np.testing.assert_allclose(runs[0], runs[2], atol=2e-5)
+    assert not list(tmp_path.iterdir())  # the on-disk level files are already unlinked
 
 
 def test_budget_tiles_in_memory_and_on_disk(setup, tmp_path):
