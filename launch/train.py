@@ -41,8 +41,17 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from cdft import train  # pylint: disable=import-outside-toplevel
   from cdft.errors import CdftError  # pylint: disable=import-outside-toplevel
+  from cdft.training import sharding  # pylint: disable=import-outside-toplevel
   train.enable_compile_cache()  # the next process of this run compiles nothing it has seen
   try:
+    # A CPU host runs the step on several CPU devices (faster; the same step). Left alone
+    # for a cluster whose process count is only known once JAX runs.
+    split = None
+    if not _DISTRIBUTED.value or _NUM_PROCESSES.value:
+      split = sharding.split_cpu_host(_CONFIG.value, _NUM_PROCESSES.value or 1)
+    if split and jax.default_backend() == "cpu":
+      print(f"train: the step runs on {split} CPU devices of this process "
+            "(config.cpu_devices; 1: one device)", flush=True)
     result = train.run(_CONFIG.value, _WORKDIR.value)
   except CdftError as e:
     print(f"train: error: {e}", file=sys.stderr)

@@ -31,6 +31,7 @@ from cdft import models
 from cdft import weights
 from cdft.errors import CdftError
 from cdft.models import adain
+from cdft.models import family
 from cdft.models import vgg
 
 STAGE = 4  # relu4_1
@@ -52,6 +53,9 @@ def _seed(rng):
 
 class _AdaINTask:
   """Shared pieces: the frozen VGG encoder E and the weights folder."""
+
+  # The trainer compiles the step with these on a CPU backend.
+  cpu_compiler_options = family.CPU_TRAIN_COMPILER_OPTIONS
 
   def __init__(self, config):
     _check_crops(config)

@@ -27,6 +27,7 @@ from cdft import models
 from cdft import weights
 from cdft.errors import CdftError
 from cdft.models import factor_transfer as ft_models
+from cdft.models import family
 from cdft.tasks import paraphraser
 
 METHODS = ("collaborative", "embedding_only", "reconstruction_only", "factor_transfer")
@@ -38,6 +39,9 @@ def _as_device(tree):
 
 class _StyleTask:
   """Shared pieces: the frozen teacher encoder and the reconstruction loss."""
+
+  # The trainer compiles the step with these on a CPU backend.
+  cpu_compiler_options = family.CPU_TRAIN_COMPILER_OPTIONS
 
   def __init__(self, config):
     self.config = config
@@ -191,8 +195,10 @@ def paraphraser_task(config):
     del batch  # convolutions only: any spatial size
     return (1, 2, 2, channels)
 
-  return paraphraser.ParaphraserTask(config, paraphraser.FeatureTap(
+  task = paraphraser.ParaphraserTask(config, paraphraser.FeatureTap(
       teacher.frozen, channels, features, probe_shape))
+  task.cpu_compiler_options = _StyleTask.cpu_compiler_options  # the VGG teacher's step
+  return task
 
 
 class SmallDecoderTask(_StyleTask):
