@@ -62,6 +62,9 @@ def trainer_defaults(config):
   config.schedule.decay = 0.1  # ... by this factor ('inverse_time': lr / (1 + decay * step)).
 
   config.mesh = (("data", -1),)  # Device mesh (axis, size); -1 = all devices. Data parallel.
+  # The networks' computation dtype, 'float32' | 'bfloat16' (CD and FT tasks; parameters,
+  # optimizer state, BatchNorm statistics and the losses' reductions stay float32).
+  config.compute_dtype = "float32"
   # CPU hosts (launch/train.py): the batch split over several CPU devices of the same
   # cores is faster than one device, and the same step. Left alone when XLA_FLAGS sets a
   # device count.

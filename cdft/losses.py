@@ -29,9 +29,14 @@ NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize
 RECONSTRUCTION = ("l1", "mse")  # the paraphraser's reconstruction losses
 
 
+def _wide(x):
+  """``x`` in at least float32 (a bfloat16 network's output is reduced in float32)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def mse(a, b):
-  """Mean squared error over all elements."""
-  return jnp.mean(jnp.square(a - b))
+  """Mean squared error over all elements, in at least float32."""
+  return jnp.mean(jnp.square(_wide(a) - _wide(b)))
 
 
 def perceptual(feats_a, feats_b):

@@ -125,6 +125,9 @@ def test_runlocal_configs_read_the_shared_contents_and_styles():
   full = load_config("adain_decoder", "")
   assert (full.batch_size, full.total_steps, full.loss.content, full.loss.style) == \
       (8, 160_000, 1.0, 10.0)
+  full.compute_dtype = "bfloat16"
+  with pytest.raises(CdftError, match="the AdaIN tasks train in float32 only"):
+    tasks.get_task(full)
   assert (full.input.pp.size, full.input.pp.crop) == (512, 256)
 
 

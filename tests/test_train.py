@@ -332,3 +332,36 @@ def test_a_cpu_host_runs_the_step_on_several_cpu_devices():
   assert run(128, cpu_devices=2) == ["2", "2"]
   assert "config.cpu_devices=5 does not divide the per-process batch 128" in run(128, 5)
   assert run(128, XLA_FLAGS="--xla_force_host_platform_device_count=3") == ["None", "3"]
+
+
+def _losses(config, workdir):
+  out = train.run(config, workdir)
+  return out, np.array([r["loss"] for r in rows(workdir) if "loss" in r])
+
+
+@pytest.mark.parametrize("name", ["ft_teacher", "cd_decoder"])
+def test_bfloat16_trains_as_float32(name, image_folder, tmp_path):
+  """config.compute_dtype='bfloat16': the same run's loss falls as in float32, while the
+  parameters and the BatchNorm statistics stay float32."""
+  if name == "ft_teacher":  # digits, the runlocal narrow ResNet-20, 40 steps
+    config = load_config(name, "model=resnet20,runlocal")
+    config.total_steps, config.log_every = 40, 1
+    config.eval_every_epochs = config.checkpoint_every_epochs = 0.0
+  else:  # the photos, a CD stage-1 decoder, 12 steps
+    config = tiny(load_config(name, "stage=1,runlocal"), image_folder, tmp_path / "tfds", 12)
+    config.optimizer.learning_rate = 1e-3
+  curves = {}
+  for dtype in ("float32", "bfloat16"):
+    config.compute_dtype = dtype
+    out, curves[dtype] = _losses(config, tmp_path / dtype)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(out["params"]))
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(out["model_state"]))
+  f32, bf16 = curves["float32"], curves["bfloat16"]
+  k = len(f32) // 4
+  assert f32[-k:].mean() < 0.85 * f32[:k].mean()  # it learns
+  assert bf16[-k:].mean() < 0.85 * bf16[:k].mean()  # and so does bfloat16
+  np.testing.assert_allclose(bf16[0], f32[0], rtol=2e-2)  # the same start, rounded
+  np.testing.assert_allclose(bf16[-k:].mean(), f32[-k:].mean(), rtol=0.15)
+  config.compute_dtype = "float16"
+  with pytest.raises(train.CdftError, match="'float16' is not one of float32, bfloat16"):
+    train.run(config, tmp_path / "f16")

@@ -55,3 +55,25 @@ def init(module, key, *inputs):
   import jax  # pylint: disable=import-outside-toplevel
   return jax.jit(module.init, compiler_options={"xla_backend_optimization_level": 2})(
       key, *inputs)
+
+
+# ``config.compute_dtype`` values: the dtype the networks compute in. Parameters,
+# optimizer state, BatchNorm statistics, the losses' reductions and the WCT/FT
+# statistics stay float32 whatever it is.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(config):
+  """``config.compute_dtype`` as a jnp dtype, or None for float32 (the modules' default).
+
+  Raises:
+    CdftError: a name not in :data:`COMPUTE_DTYPES`.
+  """
+  from cdft.errors import CdftError  # pylint: disable=import-outside-toplevel
+  name = config.get("compute_dtype", "float32") or "float32"
+  if name not in COMPUTE_DTYPES:
+    raise CdftError(f"config.compute_dtype: {name!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+  if name == "float32":
+    return None
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  return jnp.dtype(name)

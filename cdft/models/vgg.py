@@ -9,7 +9,7 @@ ceil-mode pooling in its VGG and no ReLU after its decoder's last conv. Module a
 state dicts (``conv0``, ``conv11``, ..., ``conv11_aux``) so porting is a rename-free
 transpose. Layout NHWC; inputs are RGB in [0, 1] (``conv0`` maps them to Caffe BGR).
 """
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -37,6 +37,7 @@ class Encoder(nn.Module):
   widths: Sequence[int] = VGG19_WIDTHS
   fold_conv0: bool = True
   ceil_pool: bool = False
+  dtype: Any = None  # computation dtype (None: the input's); parameters stay float32
 
   @nn.compact
   def __call__(self, x, return_all=False, extent=None):
@@ -55,7 +56,7 @@ class Encoder(nn.Module):
       relu{k}_1, or the tuple (relu1_1, ..., relu{k}_1) if ``return_all``.
     """
     _check_stage(self.stage)
-    conv0 = layers.Conv1x1(3, 3, name="conv0")
+    conv0 = layers.Conv1x1(3, 3, dtype=self.dtype, name="conv0")
     affine = None
     if self.fold_conv0:
       affine = conv0.affine()
@@ -75,8 +76,8 @@ class Encoder(nn.Module):
         x = layers.max_pool2x2(x, ceil=self.ceil_pool)
       depth = 1 if block == self.stage else BLOCK_DEPTHS[block - 1]
       for i in range(1, depth + 1):
-        x = layers.ReflectConv3x3(self.widths[block - 1], name=f"conv{block}{i}")(
-            x, affine, extent)
+        x = layers.ReflectConv3x3(self.widths[block - 1], dtype=self.dtype,
+                                  name=f"conv{block}{i}")(x, affine, extent)
         affine = None
         if i == 1:
           feats.append(x)
@@ -92,6 +93,7 @@ class Decoder(nn.Module):
   stage: int
   widths: Sequence[int] = VGG19_WIDTHS
   final_relu: bool = True
+  dtype: Any = None  # computation dtype (None: the input's); parameters stay float32
 
   @nn.compact
   def __call__(self, x, input_affine=None, extent=None):
@@ -116,7 +118,7 @@ class Decoder(nn.Module):
       for i in range(depth, 0, -1):
         features = out_widths[block - 1] if i == 1 else self.widths[block - 1]
         last = block == 1 and i == 1
-        x = layers.ReflectConv3x3(features, relu=self.final_relu or not last,
+        x = layers.ReflectConv3x3(features, relu=self.final_relu or not last, dtype=self.dtype,
                                   name=f"conv{block}{i}")(x, input_affine, extent)
         input_affine = None
     return x
@@ -133,6 +135,7 @@ class Embedding(nn.Module):
   widths: Sequence[int] = CD16X_WIDTHS
   teacher_widths: Sequence[int] = VGG19_WIDTHS
   relu: bool = False
+  dtype: Any = None  # computation dtype (None: the input's); parameters stay float32
 
   @nn.compact
   def __call__(self, feats):
@@ -141,7 +144,8 @@ class Embedding(nn.Module):
     if len(feats) != self.stage:
       raise ValueError(f"expected {self.stage} features, got {len(feats)}")
     out = tuple(
-        layers.Conv1x1(self.teacher_widths[i], self.widths[i], name=f"conv{i + 1}1_aux")(f)
+        layers.Conv1x1(self.teacher_widths[i], self.widths[i], dtype=self.dtype,
+                       name=f"conv{i + 1}1_aux")(f)
         for i, f in enumerate(feats))
     return tuple(nn.relu(f) for f in out) if self.relu else out
 

@@ -59,6 +59,9 @@ class _AdaINTask:
 
   def __init__(self, config):
     _check_crops(config)
+    if models.compute_dtype(config) is not None:
+      raise CdftError("config.compute_dtype: the AdaIN tasks train in float32 only "
+                      "(bfloat16 is for the CD and FT tasks)")
     self.config = config
     self.weights_dir = config.get("weights_dir") or None
     self.preset = config.teacher.preset  # E's widths (and the AdaIN decoder's)

@@ -150,6 +150,7 @@ class _Task:
     self.num_classes = int(config.num_classes)
     self.eval_input = config.get("eval_input")
     self.frozen = {}
+    self.dtype = models.compute_dtype(config)  # None: float32
     self._train_images = augment.device_op(config.get("input"))
     self._eval_images = augment.device_op(self.eval_input)
 
@@ -162,11 +163,15 @@ class _Task:
     """``{'image': zeros}`` shaped as one prepared training image of ``batch``."""
     return {"image": augment.probe(self._train_images, batch["image"])}
 
+  def _in_dtype(self, module):
+    """``module`` computing in ``config.compute_dtype`` (its parameters stay float32)."""
+    return module if self.dtype is None else module.clone(dtype=self.dtype)
+
   def _teacher(self, teacher_cfg):
     module, variables = weights.resolve(
         teacher_cfg.workdir, "classifier", model=teacher_cfg.model, num_classes=self.num_classes,
         widths=teacher_cfg.widths, seed=self.config.seed + 201)
-    return module, variables
+    return self._in_dtype(module), variables
 
   def _teacher_shapes(self, batch=None):
     """Shapes of the teacher's features for one example of ``batch`` (default 32 x 32)."""
@@ -186,7 +191,7 @@ class ClassifierTask(_Task):
   def __init__(self, config):
     super().__init__(config)
     m = config.model
-    self.model = weights.classifier_module(m.name, self.num_classes, m.widths)
+    self.model = self._in_dtype(weights.classifier_module(m.name, self.num_classes, m.widths))
 
   def init(self, rng, batch):
     _check_labels(batch, self.num_classes, "task 'classifier'")
@@ -235,7 +240,8 @@ class StudentTask(_Task):
                       f"{', '.join(METHODS)}")
     self.method = d.method
     s = config.student
-    self.student = weights.classifier_module(s.model, self.num_classes, s.widths)
+    self.student = self._in_dtype(weights.classifier_module(s.model, self.num_classes,
+                                                            s.widths))
     self.teacher = None
     self.head = None  # the trained translator / regressor, if any
     if self.method == "none":
@@ -255,7 +261,9 @@ class StudentTask(_Task):
           d.paraphraser, "paraphraser", in_channels=int(t_feats["ft"].shape[-1]), rate=d.rate,
           seed=config.seed + 202, weights_dir=config.get("weights_dir") or None)
       self.head_name, self.head_input = "translator", "ft"
-      self.head = ft.Translator(int(s_feats["ft"].shape[-1]), self.paraphraser.factor_channels)
+      self.paraphraser = self._in_dtype(self.paraphraser)
+      self.head = self._in_dtype(ft.Translator(int(s_feats["ft"].shape[-1]),
+                                               self.paraphraser.factor_channels))
     elif self.method == "fitnets":
       if d.hint_layer not in AT_LAYERS:
         raise CdftError(f"config.distill.hint_layer: unknown layer {d.hint_layer!r}; choose "

@@ -45,11 +45,12 @@ class _StyleTask:
 
   def __init__(self, config):
     self.config = config
+    self.dtype = models.compute_dtype(config)  # None: float32
     self.stage = int(config.stage)
     if self.stage not in (1, 2, 3, 4, 5):
       raise CdftError(f"config.stage must be 1..5, got {config.stage}")
     t = config.teacher
-    self.teacher_encoder = models.get_model("encoder", self.stage, t.preset)
+    self.teacher_encoder = models.get_model("encoder", self.stage, t.preset, dtype=self.dtype)
     self.frozen = {"teacher_encoder": weights.resolve(
         t.encoder, "encoder", stage=self.stage, preset=t.preset, seed=config.seed + 101,
         weights_dir=config.weights_dir or None)}
@@ -68,7 +69,8 @@ class DecoderTask(_StyleTask):
 
   def __init__(self, config):
     super().__init__(config)
-    self.decoder = models.get_model("decoder", self.stage, config.teacher.preset)
+    self.decoder = models.get_model("decoder", self.stage, config.teacher.preset,
+                                    dtype=self.dtype)
 
   def init(self, rng, batch):
     del batch
@@ -98,9 +100,10 @@ class StudentEncoderTask(_StyleTask):
                       f"{', '.join(METHODS)}")
     self.method = method
     s = config.student
-    self.encoder = models.get_model("encoder", self.stage, s.preset)
-    self.embedding = models.get_model("embedding", self.stage, s.preset)
-    self.teacher_decoder = models.get_model("decoder", self.stage, config.teacher.preset)
+    self.encoder = models.get_model("encoder", self.stage, s.preset, dtype=self.dtype)
+    self.embedding = models.get_model("embedding", self.stage, s.preset, dtype=self.dtype)
+    self.teacher_decoder = models.get_model("decoder", self.stage, config.teacher.preset,
+                                            dtype=self.dtype)
     if method != "embedding_only":
       self.frozen["teacher_decoder"] = weights.resolve(
           config.teacher.decoder, "decoder", stage=self.stage, preset=config.teacher.preset,
@@ -207,8 +210,8 @@ class SmallDecoderTask(_StyleTask):
   def __init__(self, config):
     super().__init__(config)
     s = config.student
-    self.encoder = models.get_model("encoder", self.stage, s.preset)
-    self.decoder = models.get_model("decoder", self.stage, s.preset)
+    self.encoder = models.get_model("encoder", self.stage, s.preset, dtype=self.dtype)
+    self.decoder = models.get_model("decoder", self.stage, s.preset, dtype=self.dtype)
     self.frozen["student_encoder"] = weights.resolve(
         s.encoder, "encoder", stage=self.stage, preset=s.preset, seed=config.seed + 103,
         weights_dir=config.weights_dir or None)
