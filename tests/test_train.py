@@ -238,14 +238,15 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(workdir, folder, data_dir, process_id=None, num_processes=1, port=None, devices=8):
+def _launch(workdir, folder, data_dir, process_id=None, num_processes=1, port=None, devices=8,
+            extra=()):
   args = [sys.executable, str(REPO / "launch" / "train.py"),
           f"--config={CONFIGS / 'cd_student.py'}:stage=1,runlocal", f"--workdir={workdir}",
           f"--config.input.manual_dir={folder}", f"--config.input.data_dir={data_dir}",
           "--config.input.pp.shorter_side=36", "--config.input.pp.crop=32",
           "--config.batch_size=8", "--config.total_steps=3", "--config.log_every=1",
           "--config.teacher.encoder=random", "--config.teacher.decoder=random",
-          "--config.student.init=random"]
+          "--config.student.init=random", *extra]
   if num_processes > 1:
     args += ["--distributed", f"--coordinator_address=127.0.0.1:{port}",
              f"--num_processes={num_processes}", f"--process_id={process_id}"]
@@ -271,6 +272,37 @@ def test_two_processes_match_one(image_folder, tmp_path):
   b, _ = checkpointing.restore_params(tmp_path / "two")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_kill_9_mid_training_then_resume_ends_on_the_uninterrupted_loss(image_folder, tmp_path):
+  """SIGKILL (no handler runs, nothing is flushed) once the step-2 checkpoint is on disk; the
+  same command then resumes from it and ends exactly where an uninterrupted run ends."""
+  import time  # pylint: disable=import-outside-toplevel
+  data_dir = tmp_path / "tfds"
+  extra = ("--config.total_steps=8", "--config.checkpoint_every=2")
+  whole = _launch(tmp_path / "whole", image_folder, data_dir, extra=extra)
+  out, _ = whole.communicate(timeout=600)
+  assert whole.returncode == 0, out[-3000:]
+  victim = _launch(tmp_path / "victim", image_folder, data_dir, extra=extra)
+  deadline = time.monotonic() + 300
+  while checkpointing.latest_step(tmp_path / "victim") is None:
+    assert victim.poll() is None and time.monotonic() < deadline, "no checkpoint before exit"
+    time.sleep(0.02)
+  victim.kill()
+  victim.communicate(timeout=60)
+  assert victim.returncode == -signal.SIGKILL
+  killed_at = max(r["step"] for r in rows(tmp_path / "victim") if "loss" in r)
+  assert 2 <= killed_at < 8  # killed mid-training
+  resumed = _launch(tmp_path / "victim", image_folder, data_dir, extra=extra)
+  out, _ = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, out[-3000:]
+  final = {r["step"]: r["loss"] for r in rows(tmp_path / "victim") if "loss" in r}
+  want = {r["step"]: r["loss"] for r in rows(tmp_path / "whole") if "loss" in r}
+  assert final[8] == want[8] and final == want  # every step's loss, bit for bit
+  a, _ = checkpointing.restore_params(tmp_path / "whole")
+  b, _ = checkpointing.restore_params(tmp_path / "victim")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_typo_in_override_fails(tmp_path):
