@@ -1,6 +1,4 @@
 """On-device preprocessing (cdft.data.augment) against the host ops, and the uint8 input path."""
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -15,6 +13,7 @@ from cdft.data import sources
 from cdft.errors import CdftError
 from cdft.tasks import classification
 from cdft.training import sharding
+from test_train import load_config
 
 
 def _images(n, seed=0, side=32):
@@ -140,13 +139,8 @@ def test_train_input_ships_uint8_and_the_task_prepares_it():
 
 
 def _teacher_task(on_device):
-  import importlib.util  # pylint: disable=import-outside-toplevel
   from cdft import tasks  # pylint: disable=import-outside-toplevel
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ft_teacher.py"
-  spec = importlib.util.spec_from_file_location("ft_teacher", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("model=resnet20,runlocal")
+  config = load_config("ft_teacher", "model=resnet20,runlocal")
   config.model.widths = (4, 8, 16)
   config.input.on_device = config.eval_input.on_device = on_device
   return tasks.get_task(config)

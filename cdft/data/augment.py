@@ -30,8 +30,6 @@ from cdft.errors import CdftError
 from cdft.errors import ImageError
 from cdft.io.images import to_rgb
 
-# Host ops whose work ``device_op`` can do in the step.
-DEVICE_OPS = ("cifar_train", "cifar_eval")
 # ``fold_in`` of the step's rng whose key draws the augmentation.
 KEY_STREAM = 0
 
@@ -94,6 +92,8 @@ def cifar_train(images, key, *, pad=4, crop=32, flip=True, stats="cifar10", mean
 
 
 _OPS = {"cifar_train": cifar_train, "cifar_eval": cifar_eval}
+# Host ops whose work ``device_op`` can do in the step.
+DEVICE_OPS = tuple(_OPS)
 
 
 def device_op(input_cfg):

@@ -130,7 +130,8 @@ class StudentTask(_AdaINTask):
                               teacher=self.frozen["encoder"], weights_dir=self.weights_dir)
     # The heads Q_i start fresh (PyTorch's default init), mapping to E's widths.
     probe = tuple(np.zeros((1, 1, 1, w), np.float32) for w in self.embedding.widths[:STAGE])
-    embedding = jax.device_get(models.init(self.embedding, jax.random.key(seed + 1), probe)["params"])
+    embedding = jax.device_get(
+        models.init(self.embedding, jax.random.key(seed + 1), probe)["params"])
     return {"params": {"encoder": encoder, "embedding": embedding}, "model_state": {}}
 
   def _embedded(self, params, x):

@@ -62,9 +62,10 @@ class ParaphraserTask:
     self.frozen = tap.frozen
     rate = float(config.paraphraser.rate)
     ft_models.factor_channels(tap.channels, rate)  # a usable rate, or a clear error
+    self.paraphraser = ft_models.Paraphraser(int(tap.channels), rate)
     dtype = models.compute_dtype(config)
-    self.paraphraser = ft_models.Paraphraser(int(tap.channels), rate,
-                                             **({} if dtype is None else {"dtype": dtype}))
+    if dtype is not None:
+      self.paraphraser = self.paraphraser.clone(dtype=dtype)
     # config.input.on_device: the tap's images are prepared inside the step.
     self._images = augment.device_op(config.get("input"))
 
