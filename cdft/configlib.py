@@ -61,7 +61,9 @@ def trainer_defaults(config):
   config.schedule.boundaries = ()  # Epochs at which 'piecewise' multiplies the rate ...
   config.schedule.decay = 0.1  # ... by this factor ('inverse_time': lr / (1 + decay * step)).
 
-  config.mesh = (("data", -1),)  # Device mesh (axis, size); -1 = all devices. Data parallel.
+  # Device mesh (axis, size); -1 = all devices; sizes over fewer devices than a single
+  # process has take the first ones. Data parallel.
+  config.mesh = (("data", -1),)
   # The networks' computation dtype, 'float32' | 'bfloat16' (CD and FT tasks; parameters,
   # optimizer state, BatchNorm statistics and the losses' reductions stay float32).
   config.compute_dtype = "float32"

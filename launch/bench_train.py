@@ -156,6 +156,8 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON output file")
+  parser.add_argument("--xla-flags", default="",
+                      help="more XLA_FLAGS for every child (e.g. an XLA:CPU option to compare)")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--step", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -170,7 +172,8 @@ def main():
     if name not in STEPS:
       parser.error(f"unknown step {name!r}; choose from {', '.join(STEPS)}")
     for n in [int(d) for d in args.devices.split(",")]:
-      env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+      env = dict(os.environ,
+                 XLA_FLAGS=f"--xla_force_host_platform_device_count={n} {args.xla_flags}".strip(),
                  JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
       proc = subprocess.run(
           [sys.executable, __file__, "--child", "--step", name, "--warmup", str(args.warmup),
@@ -196,6 +199,7 @@ def main():
                     "python": platform.python_version(), "avx512f": _avx512()},
         "protocol": f"one process per (step, devices); random inputs and frozen weights; "
                     f"{args.warmup} warm-up + {args.repeats} timed steps; median",
+        "xla_flags": args.xla_flags,
         "results": results}, indent=1) + "\n")
     print(f"wrote {args.out}")
 

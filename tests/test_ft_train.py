@@ -1,12 +1,13 @@
 """Factor Transfer with the one trainer: every stage end to end, loss composition, results table.
 
 The real-data check runs the runlocal pipeline (teacher >= 95 % on the real
-scikit-learn digits, paraphraser, FT student) through ``launch/train.py`` on one
-CPU device, the fastest for batches of 32; the other stages run 2 steps in this
-process on 8 fake devices (digits, mock CIFAR-10 from ``tfds.testing.mock_data``,
-photos for the CD stages). Networks are narrow CIFAR ResNets (4/8/16, 8/16/32).
+scikit-learn digits, paraphraser, FT student) with ``train.run`` in a child
+process with one CPU device; the other stages run 2 steps in this process, on
+one of its devices (digits, mock CIFAR-10 from ``tfds.testing.mock_data``).
+Networks are narrow CIFAR ResNets (4/8/16, 8/16/32).
 """
 import importlib.util
+import io
 import json
 import os
 import pathlib
@@ -23,7 +24,7 @@ from cdft import train
 from cdft import weights
 from cdft.errors import CdftError
 from cdft.training import checkpointing
-from conftest import xla_flags
+from conftest import ONE_DEVICE, xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = (4, 8, 16)
@@ -54,6 +55,7 @@ def tiny(config, steps=2, batch=16):
   config.checkpoint_every_epochs = 0.0
   config.eval_every = 0
   config.eval_every_epochs = 0.0
+  config.mesh = ONE_DEVICE
   return config
 
 
@@ -285,33 +287,48 @@ def test_released_paraphraser_as_the_frozen_one(weights_dir):
   assert params["conv1"]["kernel"].shape == (3, 3, 64, 32)
 
 
-# --- the real-data check: the runlocal pipeline on the digits, from the command line ------------
+# --- the real-data check: the runlocal pipeline on the digits --------------------------------
 
 
-def _cli(config_arg, workdir, *overrides):
-  """``launch/train.py`` on one CPU device (faster than 8 fake ones for these small batches)."""
-  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-      [sys.executable, str(REPO / "launch" / "train.py"),
-       f"--config={REPO / 'configs' / config_arg}", f"--workdir={workdir}", *overrides],
-      env=env, capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-  return proc.stdout
+def _run(config_arg, workdir, **overrides):
+  """``configs/<config_arg>`` with dotted ``overrides``, trained with ``train.run``."""
+  name, arg = config_arg.split(":")
+  config = load_config(name, arg)
+  for key, value in overrides.items():
+    *groups, field = key.split(".")
+    node = config
+    for group in groups:
+      node = node[group]
+    node[field] = value
+  out = train.run(config, workdir, stream=io.StringIO())
+  assert out["step"] > 0 and not out["preempted"]
+
+
+def train_digits_chain(root):
+  """Teacher (runlocal: narrow ResNet-20, 6 epochs), its paraphraser (2 epochs) and an FT
+  student (narrow ResNet-20, 2 epochs) on the real scikit-learn digits, in ``root``."""
+  root = pathlib.Path(root)
+  _run("ft_teacher:model=resnet20,runlocal", root / "teacher",
+       eval_every_epochs=1000.0)  # evaluated at the end only
+  _run("ft_paraphraser:teacher=resnet20,runlocal", root / "paraphraser",
+       **{"teacher.workdir": str(root / "teacher"), "num_epochs": 2.0})
+  _run("ft_student:pair=resnet56_resnet20,method=ft,runlocal", root / "student",
+       **{"teacher.model": "resnet20", "teacher.workdir": str(root / "teacher"),
+          "distill.paraphraser": str(root / "paraphraser"), "num_epochs": 2.0})
 
 
 @pytest.fixture(scope="module")
 def digits_chain(tmp_path_factory):
-  """Teacher (runlocal: narrow ResNet-20, 6 epochs), its paraphraser (2 epochs) and an FT
-  student (narrow ResNet-20, 2 epochs) on the real scikit-learn digits."""
+  """:func:`train_digits_chain` in a child process with one CPU device: a one-device program
+  runs ~35% slower in a process that has 8 (fake) CPU devices, as this one has. The trainer's
+  command line, flags and signals are checked in test_train.py."""
   root = tmp_path_factory.mktemp("digits")
-  _cli("ft_teacher.py:model=resnet20,runlocal", root / "teacher",
-       "--config.eval_every_epochs=1000")  # evaluated at the end only
-  _cli("ft_paraphraser.py:teacher=resnet20,runlocal", root / "paraphraser",
-       f"--config.teacher.workdir={root / 'teacher'}", "--config.num_epochs=2")
-  _cli("ft_student.py:pair=resnet56_resnet20,method=ft,runlocal", root / "student",
-       "--config.teacher.model=resnet20", f"--config.teacher.workdir={root / 'teacher'}",
-       f"--config.distill.paraphraser={root / 'paraphraser'}", "--config.num_epochs=2")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
+  code = f"import test_ft_train; test_ft_train.train_digits_chain({str(root)!r})"
+  proc = subprocess.run(
+      [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=pathlib.Path(__file__).parent, timeout=600,
+      check=False)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   return root
 
 

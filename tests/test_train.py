@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cdft import train
-from conftest import xla_flags
+from conftest import ONE_DEVICE, xla_flags
 from cdft.training import checkpointing
 from cdft.training import metrics as metrics_lib
 from cdft.training import sharding
@@ -46,6 +46,7 @@ def tiny(config, folder, data_dir, steps=2):
   config.log_every = 1
   config.checkpoint_every = 2
   config.teacher.encoder = "random"
+  config.mesh = ONE_DEVICE
   return config
 
 
@@ -226,8 +227,11 @@ def test_mesh_from_config():
   mesh = sharding.make_mesh((("data", -1),))
   assert mesh.shape["data"] == jax.device_count() == 8
   assert sharding.make_mesh((("data", 4), ("model", 2))).shape == {"data": 4, "model": 2}
-  with pytest.raises(Exception, match="needs 6 devices"):
-    sharding.make_mesh((("data", 6),))
+  with pytest.raises(Exception, match="needs 16 devices"):
+    sharding.make_mesh((("data", 16),))
+  # One process may use fewer devices than it has: the first ones.
+  assert sharding.make_mesh((("data", 6),)).devices.tolist() == jax.devices()[:6]
+  assert sharding.make_mesh((("data", 1),)).devices.tolist() == jax.devices()[:1]
   with pytest.raises(Exception, match="not divisible by the 8 devices"):
     sharding.check_batch_size(12, mesh)
 
@@ -379,6 +383,7 @@ def test_bfloat16_trains_as_float32(name, image_folder, tmp_path):
     config = load_config(name, "model=resnet20,runlocal")
     config.total_steps, config.log_every = 40, 1
     config.eval_every_epochs = config.checkpoint_every_epochs = 0.0
+    config.mesh = ONE_DEVICE
   else:  # the photos, a CD stage-1 decoder, 12 steps
     config = tiny(load_config(name, "stage=1,runlocal"), image_folder, tmp_path / "tfds", 12)
     config.optimizer.learning_rate = 1e-3

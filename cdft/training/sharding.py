@@ -23,8 +23,12 @@ DATA_AXIS = "data"
 def make_mesh(axes, devices=None):
   """A mesh from ``((name, size), ...)``; one size may be -1 (all remaining devices).
 
+  In a single process, sizes that multiply to fewer devices than there are take
+  the first ones (``(('data', 1),)``: one device of a host that has several);
+  several processes must use every device.
+
   Raises:
-    CdftError: sizes that do not multiply to the device count, or no 'data' axis.
+    CdftError: sizes that do not fit the device count, or no 'data' axis.
   """
   devices = jax.devices() if devices is None else devices
   names = tuple(str(name) for name, _ in axes)
@@ -39,6 +43,8 @@ def make_mesh(axes, devices=None):
       raise CdftError(f"config.mesh {tuple(axes)}: {len(devices)} devices are not divisible "
                       f"by {known}")
     sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) < len(devices) and jax.process_count() == 1:
+    devices = devices[:math.prod(sizes)]
   if math.prod(sizes) != len(devices):
     raise CdftError(f"config.mesh {tuple(axes)} needs {math.prod(sizes)} devices, "
                     f"{len(devices)} are available")
