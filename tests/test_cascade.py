@@ -105,34 +105,38 @@ def test_style_stats_computed_once_serve_every_content(stylizer):
 
 
 # One process stylizes (JAX's compile events of the stylization counted), printed as JSON.
+# Its random 16x levels 1 and 2 are read from the .npz of ``level_params``: no initialiser
+# is compiled in the child.
 _CACHE_CHILD = """
 import json, sys
 from jax import monitoring
 from cdft.stylize import programs
 programs.enable_compile_cache(sys.argv[1])
-import jax, numpy as np
+import numpy as np
+from flax import traverse_util
 from cdft import models
 from cdft.stylize import cascade
+stored = np.load(sys.argv[2])
 levels = {}
 for k in (1, 2):
-  enc, dec = models.get_model("encoder", k, "16x"), models.get_model("decoder", k, "16x")
-  x = np.zeros((1, 8, 8, 3), np.float32)
-  ep = jax.device_get(enc.init(jax.random.key(k), x))
-  dp = jax.device_get(dec.init(jax.random.key(10 + k), enc.apply(ep, x)))
-  levels[k] = cascade.LevelModel(enc, dec, ep, dp)
-levels = jax.device_get(levels)
+  def tree(role):
+    flat = {tuple(key.split("/")[2:]): stored[key] for key in stored.files
+            if key.startswith(f"{k}/{role}/")}
+    return traverse_util.unflatten_dict(flat)
+  levels[k] = cascade.LevelModel(models.get_model("encoder", k, "16x"),
+                                 models.get_model("decoder", k, "16x"), tree("enc"), tree("dec"))
 st = cascade.Stylizer(levels)
 rng = np.random.default_rng(0)
-h, w = int(sys.argv[2]), int(sys.argv[3])
+h, w = int(sys.argv[3]), int(sys.argv[4])
 content, style = rng.random((h, w, 3), dtype=np.float32), rng.random((24, 24, 3), dtype=np.float32)
-# JAX's compile events of the stylization alone (not of the random models' init).
+# JAX's compile events of the stylization alone.
 events = {}
 monitoring.register_event_listener(lambda name, **kw: events.__setitem__(name, events.get(name, 0) + 1))
 monitoring.register_event_duration_secs_listener(
     lambda name, secs, **kw: events.__setitem__(name, events.get(name, 0) + 1))
-if len(sys.argv) > 4:  # exact tiles of this size (the tiled level programs)
+if len(sys.argv) > 5:  # exact tiles of this size (the tiled level programs)
   from cdft.stylize import tiled
-  out = tiled.TiledStylizer(st, tile=int(sys.argv[4])).stylize(content, style, levels=(2, 1))
+  out = tiled.TiledStylizer(st, tile=int(sys.argv[5])).stylize(content, style, levels=(2, 1))
   out = out.to_array()
 else:
   out = st.stylize(content, style, levels=(2, 1))
@@ -140,11 +144,30 @@ print(json.dumps({"events": events, "sum": float(np.abs(out).sum())}))
 """
 
 
-def _cached_run(cache, *args):
+@pytest.fixture(scope="module")
+def level_params(tmp_path_factory):
+  """Random 16x levels 1 and 2 as one .npz (keys ``<level>/<enc|dec>/<param path>``)."""
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  arrays = {}
+  for k in (1, 2):
+    enc, dec = models.get_model("encoder", k, "16x"), models.get_model("decoder", k, "16x")
+    x = np.zeros((1, 8, 8, 3), np.float32)
+    ep = jax.device_get(models.init(enc, jax.random.key(k), x))
+    dp = jax.device_get(models.init(dec, jax.random.key(10 + k), enc.apply(ep, x)))
+    for role, params in (("enc", ep), ("dec", dp)):
+      for path, value in traverse_util.flatten_dict(params).items():
+        arrays["/".join((str(k), role) + path)] = np.asarray(value)
+  path = tmp_path_factory.mktemp("levels") / "levels.npz"
+  np.savez(path, **arrays)
+  return path
+
+
+def _cached_run(cache, params, *args):
   env = dict(os.environ)
   env.pop("CDFT_NO_COMPILE_CACHE", None)
-  out = subprocess.run([sys.executable, "-c", _CACHE_CHILD, str(cache)] + [str(a) for a in args],
-                       env=env, capture_output=True, text=True, check=True).stdout
+  out = subprocess.run([sys.executable, "-c", _CACHE_CHILD, str(cache), str(params)] +
+                       [str(a) for a in args], env=env, capture_output=True, text=True,
+                       check=True).stdout
   return json.loads(out.splitlines()[-1])
 
 
@@ -171,12 +194,12 @@ def _stored(cache, suffix):
   return sorted(p.name for p in (cache / "programs").iterdir() if p.name.endswith(suffix))
 
 
-def test_second_process_compiles_nothing(tmp_path):
+def test_second_process_compiles_nothing(tmp_path, level_params):
   """The programs of a seen shape are loaded compiled from the store: nothing is traced or compiled."""
   cache = tmp_path / "cache"
 
   def run(h, w):
-    return _cached_run(cache, h, w)
+    return _cached_run(cache, level_params, h, w)
 
   first = run(24, 32)
   ev = first["events"]
@@ -218,10 +241,10 @@ def test_second_process_compiles_nothing(tmp_path):
   assert run(24, 32)["sum"] == first["sum"]
 
 
-def test_tiled_levels_are_cached_too(tmp_path):
-  first = _cached_run(tmp_path, 80, 144, 64)
+def test_tiled_levels_are_cached_too(tmp_path, level_params):
+  first = _cached_run(tmp_path, level_params, 80, 144, 64)
   assert first["events"].get("/jax/compilation_cache/cache_misses", 0) > 0
-  second = _cached_run(tmp_path, 80, 144, 64)
+  second = _cached_run(tmp_path, level_params, 80, 144, 64)
   assert second["events"].get("/jax/compilation_cache/cache_misses", 0) == 0
   assert second["events"].get("/jax/compilation_cache/cache_hits", 0) > 0
   _assert_every_program_from_the_cache(second["events"])

@@ -345,29 +345,46 @@ def test_training_processes_keep_their_compiled_programs(tmp_path):
 def test_a_cpu_host_runs_the_step_on_several_cpu_devices():
   """sharding.split_cpu_host (launch/train.py, before JAX starts): the largest device count up
   to 8 that divides the per-process batch and eval batch, or the config's own, unless the user
-  set a device count (each case in a fresh process)."""
+  set a device count. The cases run in one fresh process, JAX's device count reset between
+  them (its backends never start); two more processes start the backends."""
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  cases = [(128, -1, 0, 1), (12, -1, 0, 1), (128, -1, 100, 1), (128, -1, 0, 32), (11, -1, 0, 1),
+           (128, 1, 0, 1), (128, 2, 0, 1), (128, 5, 0, 1)]
+  code = f"""
+import json, jax, ml_collections
+from cdft.errors import CdftError
+from cdft.training import sharding
+out = []
+for batch, cpu_devices, eval_batch, processes in {cases!r}:
+  jax.config.update("jax_num_cpu_devices", -1)
+  c = ml_collections.ConfigDict(dict(batch_size=batch, cpu_devices=cpu_devices,
+                                     eval_batch_size=eval_batch))
+  try:
+    out.append([sharding.split_cpu_host(c, processes), jax.config.jax_num_cpu_devices])
+  except CdftError as e:
+    out.append(str(e))
+print(json.dumps(out))
+"""
+  out = subprocess.run([sys.executable, "-c", code], env=base, capture_output=True, text=True,
+                       check=True).stdout
+  assert json.loads(out.splitlines()[-1]) == [
+      [8, 8], [6, 6], [4, 4],
+      [4, 4],  # 4 examples per process
+      [None, -1],  # no divisor up to 8: one device
+      [None, -1], [2, 2],
+      "config.cpu_devices=5 does not divide the per-process batch 128 (and eval batch 128)"]
 
-  def run(batch, cpu_devices=-1, eval_batch=0, processes=1, **env):
+  def devices(**env):
     code = ("import jax, ml_collections; from cdft.training import sharding; "
-            f"c = ml_collections.ConfigDict(dict(batch_size={batch}, cpu_devices={cpu_devices}, "
-            f"eval_batch_size={eval_batch})); "
-            f"n = sharding.split_cpu_host(c, {processes}); print(n, jax.device_count())")
-    proc = subprocess.run([sys.executable, "-c", code], env=dict(base, **env),
-                          capture_output=True, text=True, check=False)
-    return proc.stdout.split() if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1]
+            "c = ml_collections.ConfigDict(dict(batch_size=128, cpu_devices=-1, "
+            "eval_batch_size=0)); n = sharding.split_cpu_host(c); print(n, jax.device_count())")
+    return subprocess.run([sys.executable, "-c", code], env=dict(base, **env),
+                          capture_output=True, text=True, check=True).stdout.split()
 
-  assert run(128) == ["8", "8"]
-  assert run(12) == ["6", "6"]
-  assert run(128, eval_batch=100) == ["4", "4"]
-  assert run(128, processes=32) == ["4", "4"]  # 4 examples per process
-  assert run(11) == ["None", "1"]  # no divisor up to 8: one device
-  assert run(128, cpu_devices=1) == ["None", "1"]
-  assert run(128, cpu_devices=2) == ["2", "2"]
-  assert "config.cpu_devices=5 does not divide the per-process batch 128" in run(128, 5)
-  assert run(128, XLA_FLAGS="--xla_force_host_platform_device_count=3") == ["None", "3"]
+  assert devices() == ["8", "8"]  # the backends start with the devices set
+  assert devices(XLA_FLAGS="--xla_force_host_platform_device_count=3") == ["None", "3"]
 
 
 def _losses(config, workdir):
