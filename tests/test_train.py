@@ -396,9 +396,9 @@ def _losses(config, workdir):
 def test_bfloat16_trains_as_float32(name, image_folder, tmp_path):
   """config.compute_dtype='bfloat16': the same run's loss falls as in float32, while the
   parameters and the BatchNorm statistics stay float32."""
-  if name == "ft_teacher":  # digits, the runlocal narrow ResNet-20, 40 steps
+  if name == "ft_teacher":  # digits, the runlocal narrow ResNet-20, 40 steps of 16 images
     config = load_config(name, "model=resnet20,runlocal")
-    config.total_steps, config.log_every = 40, 1
+    config.total_steps, config.log_every, config.batch_size = 40, 1, 16
     config.eval_every_epochs = config.checkpoint_every_epochs = 0.0
     config.mesh = ONE_DEVICE
   else:  # the photos, a CD stage-1 decoder, 12 steps
