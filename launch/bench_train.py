@@ -116,6 +116,7 @@ def child(args):
       "images_per_s": round(batch / med, 3),
       "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
       "loss_first_last": [losses[0], losses[-1]],
+      "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
       "all_losses_finite": bool(all(np.isfinite(losses)))}))
 
 

@@ -77,6 +77,44 @@ def test_reflect_conv_matches_naive_reflection_pad(shape, fix_min_pixels, monkey
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 9, 13, 3), (1, 2, 3, 2), (1, 1, 5, 2), (1, 1, 1, 1)])
+def test_reflection_pad_gradient_is_the_gathers(shape):
+  """reflect_pad1's own backward (slices) equals the transpose of its gather, in float64."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(shape)
+  g = rng.standard_normal((shape[0], shape[1] + 2, shape[2] + 2, shape[3]))
+  rows, cols = layers._reflect_indices(shape[1]), layers._reflect_indices(shape[2])
+  with jax.enable_x64(True):
+    gather = lambda x: x[:, rows][:, :, cols]  # noqa: E731
+    np.testing.assert_array_equal(layers.reflect_pad1(x), gather(x))
+    want = jax.vjp(gather, x)[1](g)[0]
+    got = jax.vjp(layers.reflect_pad1, x)[1](g)[0]
+    padded = layers.reflect_pad1(x)
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+  # Numpy's reflect pad where it is defined: the border rows fold back onto rows 1 and n - 2.
+  if min(shape[1:3]) >= 2:
+    np.testing.assert_array_equal(
+        padded, np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect"))
+
+
+@pytest.mark.parametrize("ceil", [False, True], ids=["floor", "ceil"])
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 2), (1, 3, 3, 1)])
+def test_max_pool_gradient_is_select_and_scatters(shape, ceil):
+  """max_pool2x2's own backward equals the gradient of XLA's reduce-window max-pool (its
+  select-and-scatter: the first maximum of a window), ties of ReLU zeros included."""
+  rng = np.random.default_rng(0)
+  x = np.maximum(rng.standard_normal(shape), 0.0)  # many tied zeros
+  x[0, 0, 0, 0] = x[0, 0, 1, 0] = 1.5  # a tied maximum
+  with jax.enable_x64(True):
+    y, want_vjp = jax.vjp(lambda x: layers._max_pool(x, ceil), x)
+    got, got_vjp = jax.vjp(lambda x: layers.max_pool2x2(x, ceil=ceil), x)
+    g = rng.standard_normal(y.shape)
+    want, dx = want_vjp(g)[0], got_vjp(g)[0]
+  assert y.shape[1:3] == tuple((n + 1) // 2 if ceil else n // 2 for n in shape[1:3])
+  np.testing.assert_array_equal(got, y)
+  np.testing.assert_array_equal(dx, want)
+
+
 def test_reflect_conv_in_a_canvas_reflects_at_the_region_edge():
   # The canvas form: one program for every region of a 16x16 canvas, exact on
   # the region whatever the canvas holds beyond it (here: large values).

@@ -14,6 +14,7 @@ large maps (measured with Eigen convolutions on 2 cores, naive / fixed time:
 16->16 channels 0.77x at 256^2, 1.08x at 512^2, 1.51x at 2048^2; 64->64 0.94x at
 256^2, 1.31x at 512^2). So maps under :data:`FIX_MIN_PIXELS` take the naive form.
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -40,11 +41,43 @@ def _reflect_indices(n):
   return np.clip(idx, 0, n - 1)
 
 
+def _pad_rows_grad(g, n):
+  """Adjoint of the reflection pad by 1 of axis 1 (``n`` rows): each padded row's
+  gradient added to the row it copies (rows 1 and n - 2; a 1-row axis, all three)."""
+  dx = g[:, 1:n + 1]
+  first, last = min(1, n - 1), max(n - 2, 0)
+  dx = dx.at[:, first:first + 1].add(g[:, 0:1])
+  return dx.at[:, last:last + 1].add(g[:, n + 1:n + 2])
+
+
+@jax.custom_vjp
+def reflect_pad1(x):
+  """Reflection pad by 1 of the two spatial axes of NHWC ``x`` (rows/columns gathered).
+
+  Its gradient adds the padded border back with slices: the gather's own
+  transpose is a scatter-add over every element (with the index arrays built
+  per element), which dominated a CD training step on CPU.
+  """
+  h, w = x.shape[1:3]
+  return x[:, _reflect_indices(h)][:, :, _reflect_indices(w)]
+
+
+def _reflect_pad1_fwd(x):
+  return reflect_pad1(x), x.shape
+
+
+def _reflect_pad1_bwd(shape, g):
+  h, w = shape[1:3]
+  g = jnp.swapaxes(_pad_rows_grad(jnp.swapaxes(g, 1, 2), w), 1, 2)
+  return (_pad_rows_grad(g, h),)
+
+
+reflect_pad1.defvjp(_reflect_pad1_fwd, _reflect_pad1_bwd)
+
+
 def reflect_conv3x3_naive(x, kernel, bias):
   """Reference: reflection pad 1 (by gathering rows/columns) + VALID 3x3 conv."""
-  h, w = x.shape[1:3]
-  xp = x[:, _reflect_indices(h)][:, :, _reflect_indices(w)]
-  return _conv_valid(xp, kernel) + bias
+  return _conv_valid(reflect_pad1(x), kernel) + bias
 
 
 def _take(x, idx, axis):
@@ -137,13 +170,58 @@ def zero_outside(x, extent):
   return jnp.where((rows[:, None] & cols[None, :])[None, :, :, None], x, 0)
 
 
-def max_pool2x2(x, ceil=False):
-  """2x2 max-pool, stride 2: floor mode drops an odd trailing row/column, ceil
-  mode (PyTorch's ``ceil_mode=True``) pools it alone."""
+def _max_pool(x, ceil):
   if not ceil:
     return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
   h, w = x.shape[1:3]
   return nn.max_pool(x, (2, 2), strides=(2, 2), padding=((0, h % 2), (0, w % 2)))
+
+
+def _interleave(a, b, axis):
+  """``a`` and ``b`` (same shape) interleaved along ``axis``: a0 b0 a1 b1 ..."""
+  shape = list(a.shape)
+  shape[axis] *= 2
+  return jnp.stack([a, b], axis=axis + 1).reshape(shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool2x2(x, ceil=False):
+  """2x2 max-pool, stride 2: floor mode drops an odd trailing row/column, ceil
+  mode (PyTorch's ``ceil_mode=True``) pools it alone.
+
+  Its gradient goes to the first maximum of each window in row-major order (as
+  XLA's select-and-scatter and PyTorch do), computed with strided slices: XLA:CPU
+  lowers select-and-scatter to a scatter with per-element index arrays, several
+  times slower in a training step.
+  """
+  return _max_pool(x, ceil)
+
+
+def _max_pool_fwd(x, ceil):
+  y = _max_pool(x, ceil)
+  return y, (x, y)
+
+
+def _max_pool_bwd(ceil, res, g):
+  x, y = res
+  h, w = x.shape[1:3]
+  hp, wp = 2 * y.shape[1], 2 * y.shape[2]  # the pooled part: cropped (floor) or padded (ceil)
+  xe = x[:, :hp, :wp]
+  if hp > h or wp > w:
+    xe = jnp.pad(xe, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)), constant_values=-jnp.inf)
+  corners = (xe[:, 0::2, 0::2], xe[:, 0::2, 1::2], xe[:, 1::2, 0::2], xe[:, 1::2, 1::2])
+  taken = jnp.zeros(y.shape, bool)
+  grads = []
+  for i, corner in enumerate(corners):
+    first = ~taken if i == 3 else (corner == y) & ~taken
+    grads.append(jnp.where(first, g, jnp.zeros((), g.dtype)))
+    taken = taken | first
+  dx = _interleave(_interleave(grads[0], grads[1], 2), _interleave(grads[2], grads[3], 2), 1)
+  dx = dx[:, :h, :w]
+  return (jnp.pad(dx, ((0, 0), (0, h - dx.shape[1]), (0, w - dx.shape[2]), (0, 0))),)
+
+
+max_pool2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class ReflectConv3x3(nn.Module):
