@@ -95,6 +95,8 @@ def images_input(manual_dir, crop=256, shorter_side=300):
   inp.pp.shorter_side = shorter_side  # Resize so the shorter side is this (paper: 300) ...
   inp.pp.crop = crop  # ... then a random square crop of this size (paper: 256) ...
   inp.pp.flip = True  # ... and a random horizontal flip (paper: yes).
+  # The crop ships as uint8 and is scaled to [0, 1] in the step (cdft.data.augment).
+  inp.on_device = True
   return inp
 
 

@@ -106,9 +106,9 @@ def make_input(input_cfg, *, global_batch_size, seed, start_step, train=True):
   source = sources.get_source(input_cfg.dataset, input_cfg.split,
                               data_dir=input_cfg.data_dir or None,
                               manual_dir=input_cfg.manual_dir or None)
-  if input_cfg.get("on_device", False):  # The task preprocesses in its step.
+  if input_cfg.get("on_device", False):  # The task preprocesses (or scales) in its step.
     augment.device_op(input_cfg)  # A bad op or argument fails here, before any batch.
-    fn = None if train and hasattr(source, "get_batch") else augment.host_op
+    fn = augment.host_fn(input_cfg, in_memory=train and hasattr(source, "get_batch"))
   else:
     fn = preprocess.get_preprocess(input_cfg.preprocess, **input_cfg.pp.to_dict())
   if train:

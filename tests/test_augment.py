@@ -92,14 +92,45 @@ def test_device_op_switch_and_errors():
   off.on_device = False
   assert augment.device_op(off)(images) is images  # the host already preprocessed
   assert augment.device_op(None)(images) is images
-  bad = ml_collections.ConfigDict({"on_device": True, "preprocess": "cd_train",
+  bad = ml_collections.ConfigDict({"on_device": True, "preprocess": "cifar_flip",
                                    "pp": {"crop": 16}})
-  with pytest.raises(CdftError, match="'cd_train' has no on-device version"):
+  with pytest.raises(CdftError, match="'cifar_flip' has no on-device version"):
     augment.device_op(bad)
   with pytest.raises(CdftError, match="unknown arguments cropp"):
     augment.device_op(_input(cropp=3))
   with pytest.raises(CdftError, match="padding_mode must be 'constant' or 'reflect'"):
     augment.device_op(_input(padding_mode="edge"))
+
+
+@pytest.mark.parametrize("name,pp", [
+    ("cd_train", {"shorter_side": 40, "crop": 32, "flip": True}),
+    ("cd_eval", {"shorter_side": 40, "crop": 32}),
+    ("adain_train", {"size": 48, "crop": 32})])
+def test_photo_crops_ship_uint8_and_the_step_scales_them_exactly(name, pp, tmp_path):
+  """on_device photo crops: the host's crop as uint8 (a quarter of the bytes), scaled in the
+  step to the float32 values of the host op, bit for bit (every pixel value 0..255)."""
+  from cdft import train  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  for i in range(4):
+    pixels = rng.integers(0, 256, (44 + 3 * i, 52, 3), dtype=np.uint8)
+    pixels[0, :16] = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)[0]  # every value
+    Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+  cfg = ml_collections.ConfigDict({
+      "dataset": "image_folder", "manual_dir": str(tmp_path), "data_dir": str(tmp_path / "tfds"),
+      "split": "train", "preprocess": name, "pp": pp, "on_device": True})
+  shipped = next(train.make_input(cfg, global_batch_size=4, seed=3, start_step=0))["image"]
+  cfg.on_device = False
+  host = next(train.make_input(cfg, global_batch_size=4, seed=3, start_step=0))["image"]
+  assert shipped.dtype == np.uint8 and host.dtype == np.float32
+  assert shipped.nbytes * 4 == host.nbytes
+  cfg.on_device = True
+  scaled = jax.jit(augment.device_op(cfg))(shipped, jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(scaled), host)
+  table = np.asarray(augment.to_unit(np.arange(256, dtype=np.uint8)))
+  np.testing.assert_array_equal(table, np.arange(256, dtype=np.float32) / np.float32(255))
+  floats = np.full((1, 2, 2, 3), 0.5, np.float32)  # already scaled: passed through
+  assert augment.to_unit(floats) is not None and np.array_equal(augment.to_unit(floats), floats)
 
 
 def test_uint8_batches_are_gathered_by_index():

@@ -1,7 +1,11 @@
 """Preprocessing inside the jitted step: the host ships uint8 pixels, the device augments.
 
-``config.input.on_device = True`` (the default of the CIFAR and digits
-configs) moves ``config.input.preprocess`` out of the host pipeline:
+``config.input.on_device = True`` (the default of every config) moves
+``config.input.preprocess`` out of the host pipeline, or its last part: the
+photo crops of Collaborative Distillation and AdaIN (``cd_train``, ``cd_eval``,
+``adain_train``) keep decoding, resizing and cropping on the host and ship the
+crop as uint8 (a quarter of the float32 bytes); the step scales it to [0, 1]
+(:func:`to_unit`, the same float32 values). For CIFAR and the digits:
 
 * the host returns each example as stored (:func:`host_op`: uint8 H x W x 3
   and its label; CIFAR and the digits are held in memory as one uint8 array,
@@ -28,7 +32,7 @@ import numpy as np
 from cdft.data import preprocess
 from cdft.errors import CdftError
 from cdft.errors import ImageError
-from cdft.io.images import to_rgb
+from cdft.io.images import as_float, to_rgb
 
 # ``fold_in`` of the step's rng whose key draws the augmentation.
 KEY_STREAM = 0
@@ -91,9 +95,43 @@ def cifar_train(images, key, *, pad=4, crop=32, flip=True, stats="cifar10", mean
   return _normalise(x, stats, mean, std)
 
 
-_OPS = {"cifar_train": cifar_train, "cifar_eval": cifar_eval}
-# Host ops whose work ``device_op`` can do in the step.
+# float32 x / 255 of the 256 pixel values, as the host computes them (as_float).
+_UNIT = as_float(np.arange(256, dtype=np.uint8))
+
+
+def to_unit(images, key=None, **unused):
+  """The device half of the photo crops (``cd_train``, ``cd_eval``, ``adain_train``):
+  uint8 pixels as float32 in [0, 1], exactly :func:`cdft.io.images.as_float`'s values
+  (looked up: XLA turns a division by 255 into a multiplication by its reciprocal,
+  one unit in the last place off for some pixels); float images (already scaled)
+  pass unchanged, as there."""
+  del key, unused
+  images = jnp.asarray(images)
+  if images.dtype != jnp.uint8:
+    return images
+  return jnp.asarray(_UNIT)[images]
+
+
+_OPS = {"cifar_train": cifar_train, "cifar_eval": cifar_eval,
+        "cd_train": to_unit, "cd_eval": to_unit, "adain_train": to_unit}
+# Host ops whose work ``device_op`` can do (or finish) in the step.
 DEVICE_OPS = tuple(_OPS)
+# Of those, the ops that keep their decoding, resizing and cropping on the host (whole
+# images of any size in, fixed-size crops out) and ship the crop as uint8.
+HOST_CROP_OPS = ("cd_train", "cd_eval", "adain_train")
+
+
+def host_fn(input_cfg, in_memory=False):
+  """The host pipeline's function for an ``on_device`` ``config.input``.
+
+  CIFAR and the digits: the example as stored (:func:`host_op`), or None for an
+  in-memory source, gathered a batch at a time. The photo crops: the op itself,
+  returning uint8 crops (``uint8=True``).
+  """
+  name = input_cfg.preprocess
+  if name in HOST_CROP_OPS:
+    return preprocess.get_preprocess(name, **input_cfg.pp.to_dict(), uint8=True)
+  return None if in_memory else host_op
 
 
 def device_op(input_cfg):

@@ -73,8 +73,15 @@ def _resize_for_crop(image, shorter_side, crop, resample, min_side):
   return rgb
 
 
+def _pixels(rgb, uint8):
+  """The crop as the op returns it: float32 in [0, 1], or (``uint8``) the 8-bit pixels of an
+  8-bit image, which :mod:`cdft.data.augment` scales to the same float32 inside the step."""
+  rgb = np.ascontiguousarray(rgb)
+  return rgb if uint8 and rgb.dtype == np.uint8 else np.ascontiguousarray(as_float(rgb))
+
+
 def cd_train(image, rng, *, shorter_side=300, crop=256, flip=True, resample="bicubic",
-             min_side=1):
+             min_side=1, uint8=False):
   """CD training crop: resize, random square crop, random horizontal flip.
 
   Args:
@@ -88,18 +95,19 @@ def cd_train(image, rng, *, shorter_side=300, crop=256, flip=True, resample="bic
     resample: PIL resize filter name (see ``RESAMPLE``; default bicubic).
     min_side: images whose original shorter side is below this are refused
       (ImageError), e.g. to drop thumbnails; the default 1 takes all.
+    uint8: return an 8-bit image's crop as uint8 (``config.input.on_device``).
 
   Returns:
-    float32 (crop, crop, 3), RGB in [0, 1].
+    float32 (crop, crop, 3), RGB in [0, 1] (uint8 with ``uint8``).
   """
   out = _random_crop(_resize_for_crop(image, shorter_side, crop, resample, min_side), crop, rng)
   if flip and rng.random() < 0.5:
     out = out[:, ::-1]
-  return np.ascontiguousarray(as_float(out))
+  return _pixels(out, uint8)
 
 
 def cd_eval(image, rng=None, *, shorter_side=300, crop=256, resample="bicubic",
-            min_side=1, flip=False):
+            min_side=1, flip=False, uint8=False):
   """CD evaluation crop: resize as ``cd_train``, then the centre crop.
 
   ``rng`` and ``flip`` are accepted (and ignored) so that the training
@@ -111,17 +119,18 @@ def cd_eval(image, rng=None, *, shorter_side=300, crop=256, resample="bicubic",
   height, width = rgb.shape[:2]
   top = int(round((height - crop) / 2.0))
   left = int(round((width - crop) / 2.0))
-  return np.ascontiguousarray(as_float(rgb[top:top + crop, left:left + crop]))
+  return _pixels(rgb[top:top + crop, left:left + crop], uint8)
 
 
-def adain_train(image, rng, *, size=512, crop=256, resample="bilinear", min_side=1):
+def adain_train(image, rng, *, size=512, crop=256, resample="bilinear", min_side=1,
+                uint8=False):
   """pytorch-AdaIN's training crop: a ``size`` x ``size`` resize, then a random square crop.
 
   Returns:
-    float32 (crop, crop, 3), RGB in [0, 1].
+    float32 (crop, crop, 3), RGB in [0, 1] (uint8 with ``uint8``, as ``cd_train``).
   """
   rgb = resize(_checked_rgb(image, min_side), (size, size), resample)
-  return np.ascontiguousarray(as_float(_random_crop(rgb, crop, rng)))
+  return _pixels(_random_crop(rgb, crop, rng), uint8)
 
 
 def normalizer(stats, mean, std):

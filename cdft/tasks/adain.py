@@ -29,6 +29,7 @@ import numpy as np
 from cdft import losses
 from cdft import models
 from cdft import weights
+from cdft.data import augment
 from cdft.errors import CdftError
 from cdft.models import adain
 from cdft.models import family
@@ -69,6 +70,12 @@ class _AdaINTask:
     self.frozen = {"encoder": weights.resolve(
         config.teacher.encoder, "encoder", stage=STAGE, preset=self.preset,
         seed=config.seed + 101, weights_dir=self.weights_dir)}
+    # The content and style crops as uint8, scaled to [0, 1] in the step.
+    self._contents = augment.device_op(config.get("input"))
+    self._styles = augment.device_op(config.get("style_input"))
+
+  def _batch(self, batch):
+    return self._contents(batch["image"]), self._styles(batch["style"])
 
   def _feats(self, frozen, x):
     """E_1..E_4 of ``x``: constants of the loss (the gradient flows only through ``x``)."""
@@ -99,8 +106,9 @@ class DecoderTask(_AdaINTask):
 
   def loss(self, params, model_state, frozen, batch, rng):
     del rng
-    c_feats = jax.lax.stop_gradient(self._feats(frozen, batch["image"]))
-    s_feats = jax.lax.stop_gradient(self._feats(frozen, batch["style"]))
+    content, style = self._batch(batch)
+    c_feats = jax.lax.stop_gradient(self._feats(frozen, content))
+    s_feats = jax.lax.stop_gradient(self._feats(frozen, style))
     t = adain.adain(c_feats[-1], s_feats[-1])
     out_feats = self._feats(frozen, self.decoder.apply({"params": params["decoder"]}, t))
     loss, metrics = self._weighted({"content": losses.mse(out_feats[-1], t),
@@ -140,7 +148,7 @@ class StudentTask(_AdaINTask):
 
   def loss(self, params, model_state, frozen, batch, rng):
     del rng
-    content, style = batch["image"], batch["style"]
+    content, style = self._batch(batch)
     aux_c, aux_s = self._embedded(params, content), self._embedded(params, style)
     sd = self.teacher_decoder.apply({"params": frozen["decoder"]},
                                     adain.adain(aux_c[-1], aux_s[-1]))
@@ -167,7 +175,7 @@ class SmallDecoderTask(_AdaINTask):
 
   def loss(self, params, model_state, frozen, batch, rng):
     del rng
-    content, style = batch["image"], batch["style"]
+    content, style = self._batch(batch)
     se = {"params": frozen["student_encoder"]}
     t_small = jax.lax.stop_gradient(adain.adain(self.student.apply(se, content),
                                                 self.student.apply(se, style)))

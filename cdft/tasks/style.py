@@ -25,6 +25,7 @@ import numpy as np
 from cdft import losses
 from cdft import models
 from cdft import weights
+from cdft.data import augment
 from cdft.errors import CdftError
 from cdft.models import factor_transfer as ft_models
 from cdft.models import family
@@ -54,6 +55,7 @@ class _StyleTask:
     self.frozen = {"teacher_encoder": weights.resolve(
         t.encoder, "encoder", stage=self.stage, preset=t.preset, seed=config.seed + 101,
         weights_dir=config.weights_dir or None)}
+    self._images = augment.device_op(config.get("input"))  # uint8 crops -> [0, 1]
 
   def _teacher_feats(self, frozen, x):
     return self.teacher_encoder.apply({"params": frozen["teacher_encoder"]}, x, return_all=True)
@@ -82,7 +84,7 @@ class DecoderTask(_StyleTask):
 
   def loss(self, params, model_state, frozen, batch, rng):
     del rng
-    image = batch["image"]
+    image = self._images(batch["image"])
     feats = jax.lax.stop_gradient(self._teacher_feats(frozen, image))
     rec = self.decoder.apply({"params": params["decoder"]}, feats[-1])
     loss, metrics = self._reconstruction(frozen, rec, image, feats)
@@ -152,7 +154,7 @@ class StudentEncoderTask(_StyleTask):
   def loss(self, params, model_state, frozen, batch, rng):
     del rng
     d = self.config.distill
-    image = batch["image"]
+    image = self._images(batch["image"])
     t_feats = jax.lax.stop_gradient(self._teacher_feats(frozen, image))
     s_feats = self.encoder.apply({"params": params["encoder"]}, image, return_all=True)
     embedded = self.embedding.apply({"params": params["embedding"]}, s_feats)
@@ -232,7 +234,7 @@ class SmallDecoderTask(_StyleTask):
 
   def loss(self, params, model_state, frozen, batch, rng):
     del rng
-    image = batch["image"]
+    image = self._images(batch["image"])
     t_feats = jax.lax.stop_gradient(self._teacher_feats(frozen, image))
     s_feat = jax.lax.stop_gradient(
         self.encoder.apply({"params": frozen["student_encoder"]}, image))
