@@ -154,6 +154,11 @@ def test_nan_guard_keeps_last_good_checkpoint(image_folder, tmp_path):
   manager.close()
   params, _ = checkpointing.restore_params(tmp_path / "run")
   assert last is not None and last < 6
+  # latest_step lists finalized steps without a manager (no collectives): an unfinished save is
+  # not a step, and a run without checkpoints has none.
+  (tmp_path / "run" / "checkpoints" / "9.orbax-checkpoint-tmp-123").mkdir()
+  assert checkpointing.latest_step(tmp_path / "run") == last
+  assert checkpointing.latest_step(tmp_path / "nothing") is None
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 

@@ -57,14 +57,15 @@ def make_manager(workdir, every_steps, keep_last, keep_every_steps=0, read_only=
 
 
 def latest_step(workdir):
-  """The newest checkpointed step of ``workdir``, or None (no checkpoint yet)."""
-  if not (workdir_path(workdir) / SUBDIR).exists():
-    return None
-  manager = make_manager(workdir, 1, 1, read_only=True)
-  try:
-    return manager.latest_step()
-  finally:
-    manager.close()
+  """The newest finalized checkpoint step of ``workdir``, or None (no checkpoint yet).
+
+  A listing of the folder, with no ``CheckpointManager``: building one runs
+  collectives across processes, and before the run's manager exists the processes
+  of a multi-host run can find the folder in different states (one has created
+  it, the other not yet), then meet in mismatched collectives.
+  """
+  steps = ocp.utils.checkpoint_steps(workdir_path(workdir) / SUBDIR)
+  return max(steps) if steps else None
 
 
 def save(manager, step, state, config_dict, force=False):
