@@ -29,13 +29,14 @@ setuptools.setup(
         "ml_dtypes>=0.5,<0.7",
     ],
     extras_require={
-        # Training data (TFDS without TensorFlow) and the digits dataset of the FT checks.
-        "data": ["tensorflow-datasets", "array-record", "scikit-learn"],
+        # Training data: TFDS data sources without TensorFlow, read by grain (worker
+        # processes), and the digits dataset of the FT checks.
+        "data": ["tensorflow-datasets", "array-record", "grain", "scikit-learn"],
         # Loss curves (launch/plot_metrics.py, cdft.training.plots).
         "plots": ["matplotlib"],
         # pytest-xdist: the README's test command runs 2 worker processes.
         "test": ["pytest", "pytest-xdist", "nbformat", "nbclient", "ipykernel",
-                 "tensorflow-datasets", "array-record", "scikit-learn", "matplotlib"],
+                 "tensorflow-datasets", "array-record", "grain", "scikit-learn", "matplotlib"],
     },
     entry_points={
         "console_scripts": [

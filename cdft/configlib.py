@@ -71,6 +71,7 @@ def trainer_defaults(config):
   # cores is faster than one device, and the same step. Left alone when XLA_FLAGS sets a
   # device count.
   config.cpu_devices = -1  # CPU devices per process: -1 auto (up to 8, dividing the batch); 1.
+  config.device_prefetch = 2  # Batches placed on the devices ahead of the step (0: none).
   config.log_every = 50  # Steps between metric lines (JSONL + console).
   config.checkpoint_every = 1000  # Steps between checkpoints (also saved at the end/on SIGTERM).
   config.checkpoint_every_epochs = 0.0  # Epochs between checkpoints; > 0 replaces checkpoint_every.
@@ -97,6 +98,9 @@ def images_input(manual_dir, crop=256, shorter_side=300):
   inp.pp.flip = True  # ... and a random horizontal flip (paper: yes).
   # The crop ships as uint8 and is scaled to [0, 1] in the step (cdft.data.augment).
   inp.on_device = True
+  # grain worker processes decoding and cropping whole batches (-1: one per two cores, 1-8;
+  # 0: threads of the trainer process). The batches do not depend on it.
+  inp.num_workers = -1
   return inp
 
 

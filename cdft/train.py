@@ -12,6 +12,7 @@ Around the step: orbax checkpoints (resume, keep policy, config beside each),
 progress and throughput, a NaN/Inf guard that stops before a bad state is ever
 saved, and SIGTERM/SIGINT handling that saves and exits cleanly.
 """
+import itertools
 import os
 import signal
 import threading
@@ -111,13 +112,19 @@ def make_input(input_cfg, *, global_batch_size, seed, start_step, train=True):
     fn = augment.host_fn(input_cfg, in_memory=train and hasattr(source, "get_batch"))
   else:
     fn = preprocess.get_preprocess(input_cfg.preprocess, **input_cfg.pp.to_dict())
+  # Worker processes decode files; a source held in memory (CIFAR, the digits) would be
+  # pickled into each of them, and its per-example work is small: threads.
+  workers = int(input_cfg.get("num_workers", -1))
+  workers = pipeline.default_workers() if workers < 0 else workers
+  workers = 0 if hasattr(source, "get_batch") else workers
   if train:
     return pipeline.make_train_iterator(
         source, fn, global_batch_size=global_batch_size, seed=seed, start_step=start_step,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_workers=workers)
   return pipeline.make_eval_iterator(
       source, fn, batch_size=global_batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), num_workers=workers)
 
 
 class _WithStyles:
@@ -136,6 +143,13 @@ class _WithStyles:
   @property
   def skipped(self):
     return self.content.skipped + self.styles.skipped
+
+  def state(self):
+    return {"content": self.content.state(), "style": self.styles.state()}
+
+  def close(self):
+    self.content.close()
+    self.styles.close()
 
   def __iter__(self):
     return self
@@ -232,6 +246,8 @@ def run(config, workdir, stream=None):
   if config.get("style_input"):  # AdaIN: a batch of style images beside each content batch
     data = _WithStyles(data, make_input(config.style_input, global_batch_size=config.batch_size,
                                         seed=config.seed + 1, start_step=start_step))
+  data_state = data.state()  # Saved with each checkpoint, moved on to its step.
+  saved_data = checkpointing.restore_data_state(workdir, start_step) if start_step else None
   steps_per_epoch = max(data.steps_per_epoch, 1)
   checkpoint_every = interval_steps(config, "checkpoint_every", steps_per_epoch)
   eval_every = interval_steps(config, "eval_every", steps_per_epoch)
@@ -278,16 +294,23 @@ def run(config, workdir, stream=None):
               f"{data.num_examples} examples), batch {config.batch_size} over "
               f"{sharding.data_size(mesh)} devices / {jax.process_count()} processes, "
               f"workdir {workdir}")
+  if saved_data is not None and saved_data != data_state:
+    writer.info(f"warning: the input differs from the one checkpoint {start_step} was saved "
+                f"with (saved {saved_data}, now {data_state}): the run goes on from step "
+                f"{start_step}, but not on the batches the uninterrupted run would have seen")
   last_good = start_step
   logged = {}
   pending = None
   preempted = False
   step = start_step
-  batch = first
+  # The batches of steps start_step, start_step + 1, ...: a batch is a function of its step,
+  # so the input's state at `step` is that of a fresh iterator started there.
+  feed = sharding.prefetch_to_mesh(itertools.chain([first], data), mesh,
+                                   config.get("device_prefetch", 2))
   try:
     with _StopFlag() as stop:
       while step < n_steps:
-        state, metrics = train_step(state, frozen, sharding.global_batch(batch, mesh))
+        state, metrics = train_step(state, frozen, next(feed))
         step += 1
         if pending is not None:  # fetched one step late: the device stays busy
           logged = dict(jax.device_get(pending[1]), data_skipped=data.skipped)
@@ -310,7 +333,9 @@ def run(config, workdir, stream=None):
                                    params_finite=bool(params_finite(state["params"])))
           # Interval saves are the manager's decision (its FixedIntervalPolicy);
           # only the last and the preemption save are forced.
-          if checkpointing.save(manager, step, state, config_dict, force=must_save):
+          if checkpointing.save(manager, step, state, config_dict,
+                                data_state=_advance(data_state, step - start_step),
+                                force=must_save):
             last_good = step
           writer.start_timer(step)  # throughput excludes checkpointing
         if stopping:
@@ -318,8 +343,6 @@ def run(config, workdir, stream=None):
           writer.info(f"signal received: saved step {step} in {workdir}; exiting (rerun the "
                       "same command to resume)")
           break
-        if step < n_steps:
-          batch = next(data)
     if pending is not None:
       logged = dict(jax.device_get(pending[1]), data_skipped=data.skipped)
       metrics_lib.check_finite(logged, pending[0], last_good)
@@ -334,6 +357,13 @@ def run(config, workdir, stream=None):
   return {"step": step, "params": jax.device_get(state["params"]),
           "model_state": jax.device_get(state["model_state"]), "metrics": logged,
           "preempted": preempted}
+
+
+def _advance(data_state, steps):
+  """An input state ``steps`` batches later (its "step" fields moved on)."""
+  if "step" in data_state:
+    return dict(data_state, step=data_state["step"] + steps)
+  return {key: _advance(value, steps) for key, value in data_state.items()}
 
 
 def interval_steps(config, name, steps_per_epoch):

@@ -1,13 +1,16 @@
 r"""Input-pipeline throughput alone: images/s of ``cdft.train.make_input`` per dataset.
 
 Each workload builds the training input of a config exactly as ``launch/train.py`` does
-(the same source, preprocessing, thread pool and prefetch), at the config's batch size,
+(the same source, preprocessing, grain workers and prefetch), at the config's batch size,
 and times ``--batches`` batches after ``--warmup`` (median of ``--repeats`` passes, each
-from a fresh iterator at a later step). No train step runs: this is what the input alone
+from a fresh iterator at a later step). The file-backed workloads run once per
+``--workers`` count (``config.input.num_workers``: -1 the default, one grain worker
+process per two cores; 0 decoding threads in the process); ``first_batch_s`` is the
+time from building the iterator to its first batch (worker start-up included). No train step runs: this is what the input alone
 can deliver, to set beside the step it feeds (``--steps-json``, a ``bench_train.py`` JSON:
 the ratio input / step should be >= 3 so the step never waits).
 
-  python launch/bench_input.py --out benchmarks/input_cpu.json \
+  python launch/bench_input.py --out benchmarks/input_cpu.json --workers=-1,0,2 \
       --steps-json benchmarks/train_cpu_avx512_ft.json benchmarks/train_cpu_avx512_cd.json
 
 Workloads:
@@ -66,14 +69,21 @@ def _config(name, arg, overrides, data_dir):
   return config
 
 
+def _file_backed(config):
+  return config.input.dataset in ("image_folder", "coco")
+
+
 def _measure(config, batches, warmup, start_step):
   from cdft import train  # pylint: disable=import-outside-toplevel
-  from cdft.data import pipeline  # pylint: disable=import-outside-toplevel
+  t = time.perf_counter()
   its = [train.make_input(config.input, global_batch_size=config.batch_size, seed=0,
                           start_step=start_step)]
   if "style_input" in config:
     its.append(train.make_input(config.style_input, global_batch_size=config.batch_size,
                                 seed=1, start_step=start_step))
+  for it in its:
+    next(it)
+  first = time.perf_counter() - t
   for _ in range(warmup):
     for it in its:
       next(it)
@@ -85,8 +95,8 @@ def _measure(config, batches, warmup, start_step):
   for it in its:
     it.close()
   return {"seconds": elapsed, "images_per_s": batches * config.batch_size / elapsed,
-          "dtype": str(batch["image"].dtype), "shape": list(batch["image"].shape),
-          "threads": pipeline.DEFAULT_THREADS}
+          "first_batch_s": round(first, 2), "dtype": str(batch["image"].dtype),
+          "shape": list(batch["image"].shape), "workers": its[0].num_workers}
 
 
 def main():
@@ -95,6 +105,9 @@ def main():
   parser.add_argument("--batches", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--workers", default="-1",
+                      help="comma-separated config.input.num_workers of the file-backed "
+                           "workloads (-1: the default)")
   parser.add_argument("--steps-json", type=pathlib.Path, nargs="*", default=(),
                       help="bench_train.py JSONs: adds each step's images/s (its fastest device "
                            "count, as launch/train.py splits a CPU host) and the ratio")
@@ -112,26 +125,35 @@ def main():
         parser.error(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
       cfg_name, arg, overrides, step = WORKLOADS[name]
       config = _config(cfg_name, arg, overrides, pathlib.Path(tmp) / "tfds")
-      runs = [_measure(config, args.batches, args.warmup, start_step=1000 * r)
-              for r in range(args.repeats)]
-      rates = [r["images_per_s"] for r in runs]
-      row = dict(runs[-1], runs_images_per_s=[round(x, 1) for x in rates],
-                 images_per_s=round(statistics.median(rates), 1), feeds=step,
-                 step_images_per_s=steps.get(step))
-      if row["step_images_per_s"]:
-        row["input_over_step"] = round(row["images_per_s"] / row["step_images_per_s"], 1)
-      del row["seconds"]
-      results[name] = row
-      print(f"{name}: {row['images_per_s']} img/s {row['runs_images_per_s']} "
-            f"({row['dtype']} {row['shape']}, {row['threads']} threads)", flush=True)
-  print("\n| input | batch | img/s (runs) | threads | feeds | step img/s | input / step |")
-  print("|---|---|---|---|---|---|---|")
+      for workers in ([int(w) for w in args.workers.split(",")] if _file_backed(config)
+                      else [0]):
+        for group in ("input", "style_input"):
+          if group in config:
+            config[group].num_workers = workers
+        runs = [_measure(config, args.batches, args.warmup, start_step=1000 * r)
+                for r in range(args.repeats)]
+        rates = [r["images_per_s"] for r in runs]
+        row = dict(runs[-1], runs_images_per_s=[round(x, 1) for x in rates],
+                   images_per_s=round(statistics.median(rates), 1), feeds=step,
+                   step_images_per_s=steps.get(step),
+                   first_batch_s=statistics.median(r["first_batch_s"] for r in runs))
+        if row["step_images_per_s"]:
+          row["input_over_step"] = round(row["images_per_s"] / row["step_images_per_s"], 1)
+        del row["seconds"]
+        key = f"{name}@w{row['workers']}" if _file_backed(config) else name
+        results[key] = row
+        print(f"{key}: {row['images_per_s']} img/s {row['runs_images_per_s']} "
+              f"({row['dtype']} {row['shape']}, {row['workers']} workers, first batch "
+              f"{row['first_batch_s']} s)", flush=True)
+  print("\n| input | batch | img/s (runs) | workers | first batch | feeds | step img/s | "
+        "input / step |")
+  print("|---|---|---|---|---|---|---|---|")
   for name, row in results.items():
     ratio = row.get("input_over_step")
     print(f"| {name} | {row['shape'][0]} ({row['dtype']}) | {row['images_per_s']} "
-          f"({', '.join(map(str, row['runs_images_per_s']))}) | {row['threads']} | "
-          f"{row['feeds'] or '-'} | {row['step_images_per_s'] or '-'} | "
-          f"{f'{ratio}x' if ratio else '-'} |")
+          f"({', '.join(map(str, row['runs_images_per_s']))}) | {row['workers']} | "
+          f"{row['first_batch_s']} s | {row['feeds'] or '-'} | "
+          f"{row['step_images_per_s'] or '-'} | {f'{ratio}x' if ratio else '-'} |")
   if args.out:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

@@ -11,11 +11,20 @@ on a CPU host, and ``launch/train.py`` splits a CPU host that way by default
 (``config.cpu_devices``). The official figures are those of this CPU type: the AVX-512 row
 of ../shared/baselines/README.md §7, or the AVX2 ``train_official_cpu.json``.
 
+With ``--input pipeline`` each timed step also takes its batch from the real
+input, as ``launch/train.py`` feeds it (``cdft.train.make_input`` with its grain
+workers, then ``sharding.prefetch_to_mesh``): the FT steps read the digits (the
+CIFAR configs' in-memory uint8 path, offline), the CD steps the photographs of
+../shared/images/content as an image folder, shorter side 300 and 256-px crops
+(the §7 protocol). A step time then includes any wait for data.
+
   python launch/bench_train.py --out benchmarks/train_cpu.json
+  python launch/bench_train.py --input pipeline --devices 8 --out benchmarks/train_pipeline.json
   python launch/bench_train.py --steps cd_decoder_k3 --devices 1 --repeats 3
   python launch/bench_train.py --steps ft_train_student --devices 1 --repeats 10
 """
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -24,6 +33,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -69,6 +79,8 @@ def child(args):
   from cdft.training import optim, sharding  # pylint: disable=import-outside-toplevel
 
   cfg_name, cfg_arg, overrides, batch, side, _ = STEPS[args.step]
+  if args.input == "pipeline":
+    cfg_arg = cfg_arg.replace("dataset=cifar10", "dataset=digits")
   config = _load_config(cfg_name, cfg_arg)
   if config.task.startswith("cd_"):
     config.teacher.encoder = "random"
@@ -99,18 +111,28 @@ def child(args):
                  in_shardings=(state_sh, repl, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sh, repl), donate_argnums=(0,),
                  compiler_options=train.step_compiler_options(task, mesh))
-  gbatch = sharding.global_batch(host_batch, mesh)
+  if args.input == "pipeline":
+    if config.input.dataset == "image_folder":
+      config.input.manual_dir = str(REPO.parent / "shared" / "images" / "content")
+      tmp = tempfile.TemporaryDirectory(prefix="cdft_bench_train_")  # pylint: disable=consider-using-with
+      config.input.data_dir = tmp.name  # removed when this child exits
+      config.input.pp.shorter_side, config.input.pp.crop = 300, side
+    data = train.make_input(config.input, global_batch_size=batch, seed=0, start_step=0)
+    feed = sharding.prefetch_to_mesh(data, mesh, config.device_prefetch)
+  else:
+    feed = itertools.repeat(sharding.global_batch(host_batch, mesh))
   setup = time.perf_counter() - t0
   times, losses = [], []
   for _ in range(args.warmup + args.repeats):
     t = time.perf_counter()
-    state, metrics = step(state, frozen, gbatch)
+    state, metrics = step(state, frozen, next(feed))
     losses.append(float(metrics["loss"]))  # syncs, as the baseline's .item()
     times.append(time.perf_counter() - t)
   timed = times[args.warmup:]
   med = statistics.median(timed)
   print(json.dumps({
-      "step": args.step, "devices": jax.device_count(), "batch": batch, "input_hw": [side, side],
+      "step": args.step, "input": args.input, "devices": jax.device_count(), "batch": batch,
+      "input_hw": [side, side],
       "setup_s": round(setup, 3), "warmup_step_s": [round(x, 4) for x in times[:args.warmup]],
       "timed_step_s": [round(x, 4) for x in timed], "median_step_s": round(med, 4),
       "images_per_s": round(batch / med, 3),
@@ -159,6 +181,9 @@ def main():
   parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON output file")
   parser.add_argument("--xla-flags", default="",
                       help="more XLA_FLAGS for every child (e.g. an XLA:CPU option to compare)")
+  parser.add_argument("--input", choices=("synthetic", "pipeline"), default="synthetic",
+                      help="one random batch made before timing, or each step's batch from "
+                           "the real input pipeline (see the module doc)")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--step", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -178,7 +203,7 @@ def main():
                  JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
       proc = subprocess.run(
           [sys.executable, __file__, "--child", "--step", name, "--warmup", str(args.warmup),
-           "--repeats", str(args.repeats)], env=env, capture_output=True, text=True, cwd=REPO,
+           "--repeats", str(args.repeats), "--input", args.input], env=env, capture_output=True, text=True, cwd=REPO,
           check=False)
       if proc.returncode:
         print(proc.stderr[-3000:], file=sys.stderr)
@@ -198,8 +223,9 @@ def main():
         "description": "cdft train-step throughput (launch/bench_train.py)",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "python": platform.python_version(), "avx512f": _avx512()},
-        "protocol": f"one process per (step, devices); random inputs and frozen weights; "
-                    f"{args.warmup} warm-up + {args.repeats} timed steps; median",
+        "protocol": f"one process per (step, devices); {args.input} inputs and random "
+                    f"frozen weights; {args.warmup} warm-up + {args.repeats} timed steps; "
+                    "median",
         "xla_flags": args.xla_flags,
         "results": results}, indent=1) + "\n")
     print(f"wrote {args.out}")

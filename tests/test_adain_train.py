@@ -29,6 +29,7 @@ def folders(images_dir, write_small_photos, tmp_path_factory):
 
 def tiny(config, folders, data_dir):
   for inp, folder in zip((config.input, config.style_input), folders):
+    inp.num_workers = 0  # decoding threads (test_train's CLI tests spawn worker processes)
     inp.manual_dir = str(folder)
     inp.data_dir = str(data_dir)
     if inp.preprocess == "adain_train":

@@ -304,6 +304,30 @@ def test_start_step_resumes_exactly_without_reading_earlier_batches():
   assert it.step == 7 and it.num_examples == 20 and it.steps_per_epoch == 2
 
 
+def test_worker_processes_give_the_same_batches_and_report_failures(caplog):
+  """grain worker processes (spawned: the source and op travel pickled) decode whole batches
+  round robin; the batches, replacements and warnings are those of the in-process iterator."""
+  bad = {3, 11}
+  caplog.set_level(logging.WARNING, logger="cdft.data.pipeline")
+  here = _train(_Recorder(16, bad), process_index=1, process_count=2, start_step=3)
+  want = _take(here, 5)
+  warned_here = [r.getMessage() for r in caplog.records]
+  caplog.clear()
+  with _train(_Recorder(16, bad), process_index=1, process_count=2, start_step=3,
+              num_workers=2) as there:
+    got = _take(there, 5)
+    assert there.skipped == here.skipped > 0
+    assert there.state() == {"step": 8, "seed": 5, "global_batch_size": 8, "num_examples": 16}
+  for a, b in zip(want, got, strict=True):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  warned = [r.getMessage() for r in caplog.records]
+  assert warned == warned_here and "skipping unreadable example 3 of recorder" in warned[0]
+  with pytest.raises(CdftError, match="num_workers must be an integer >= 0"):
+    _train(_Recorder(16), process_index=0, process_count=1, num_workers=-1)
+
+
 def test_same_seed_same_data_other_seed_other_data():
   a = _take(_train(_Recorder(30), process_index=0, process_count=1), 3)
   b = _take(_train(_Recorder(30), process_index=0, process_count=1, num_threads=0), 3)
@@ -365,3 +389,8 @@ def test_eval_iterator_pads_masks_and_shards():
   with pytest.raises(CdftError, match="empty"):
     pipeline.make_eval_iterator(_Recorder(0), _tag, batch_size=4, process_index=0,
                                 process_count=1)
+  inline = list(pipeline.make_eval_iterator(_Recorder(10, bad={7}), _tag, batch_size=4,
+                                            process_index=0, process_count=1, num_threads=0))
+  for a, b in zip(inline, batches, strict=True):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])

@@ -351,6 +351,7 @@ def _train_config(name, folder, data_dir, overrides):
   config.checkpoint_every = 2
   config.teacher.encoder = "random"
   config.mesh = ONE_DEVICE
+  config.input.num_workers = 0  # decoding threads (test_train's CLI tests spawn workers)
   for key, value in overrides.items():
     group, field = key.split(".")
     config[group][field] = value

@@ -1,5 +1,6 @@
 """The one trainer: every CD config end to end, resume, NaN guard, preemption, multi-process."""
 import importlib.util
+import io
 import json
 import os
 import pathlib
@@ -9,6 +10,7 @@ import subprocess
 import sys
 
 import jax
+import psutil
 import numpy as np
 import pytest
 
@@ -47,6 +49,7 @@ def tiny(config, folder, data_dir, steps=2):
   config.checkpoint_every = 2
   config.teacher.encoder = "random"
   config.mesh = ONE_DEVICE
+  config.input.num_workers = 0  # decoding threads: the CLI tests below spawn the workers
   return config
 
 
@@ -139,6 +142,16 @@ def test_resume_equals_uninterrupted(image_folder, tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   assert rows(tmp_path / "whole")[-1]["loss"] == pytest.approx(rows(tmp_path / "split")[-1]["loss"],
                                                              rel=1e-6)
+  # Each checkpoint holds the input's state at its step (the next batch's step and what fixes
+  # the order); a resume on other data says that it no longer follows the uninterrupted run.
+  assert checkpointing.restore_data_state(tmp_path / "split", 2) == {
+      "step": 2, "seed": config.seed, "global_batch_size": 8, "num_examples": 8}
+  assert checkpointing.restore_data_state(tmp_path / "split", 4)["step"] == 4
+  config.total_steps, config.seed = 5, config.seed + 1
+  stream = io.StringIO()
+  train.run(config, tmp_path / "split", stream=stream)
+  assert "warning: the input differs from the one checkpoint 4 was saved with" in \
+      stream.getvalue()
 
 
 def test_nan_guard_keeps_last_good_checkpoint(image_folder, tmp_path):
@@ -241,6 +254,24 @@ def test_mesh_from_config():
     sharding.check_batch_size(12, mesh)
 
 
+def test_prefetch_to_mesh_keeps_batches_placed_ahead_in_order():
+  mesh = sharding.make_mesh((("data", -1),))
+  pulled = []
+
+  def batches(n):
+    for i in range(n):
+      pulled.append(i)
+      yield {"x": np.full((8, 2), i, np.float32)}
+
+  feed = sharding.prefetch_to_mesh(batches(5), mesh, size=2)
+  first = next(feed)
+  assert pulled == [0, 1, 2]  # the one returned and 2 more already sent to the devices
+  assert first["x"].sharding == sharding.batch_sharding(mesh)
+  rest = [int(b["x"][0, 0]) for b in feed]
+  assert int(first["x"][0, 0]) == 0 and rest == [1, 2, 3, 4]
+  assert [int(b["x"][0, 0]) for b in sharding.prefetch_to_mesh(batches(2), mesh, 0)] == [0, 1]
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -297,9 +328,14 @@ def test_kill_9_mid_training_then_resume_ends_on_the_uninterrupted_loss(image_fo
   while checkpointing.latest_step(tmp_path / "victim") is None:
     assert victim.poll() is None and time.monotonic() < deadline, "no checkpoint before exit"
     time.sleep(0.02)
+  workers = [c for c in psutil.Process(victim.pid).children(recursive=True)
+             if "spawn_main" in " ".join(c.cmdline())]
+  assert workers, "the run decodes in grain worker processes (config.input.num_workers=-1)"
   victim.kill()
-  victim.communicate(timeout=60)
+  victim.communicate(timeout=60)  # returns once nothing holds its stdout: workers included
   assert victim.returncode == -signal.SIGKILL
+  _, alive = psutil.wait_procs(workers, timeout=10)
+  assert not alive, "grain workers outlived their killed trainer"
   killed_at = max(r["step"] for r in rows(tmp_path / "victim") if "loss" in r)
   assert 2 <= killed_at < 8  # killed mid-training
   resumed = _launch(tmp_path / "victim", image_folder, data_dir, extra=extra)

@@ -1,8 +1,10 @@
 """Checkpoints of a training run (orbax ``CheckpointManager``).
 
-A run's workdir holds ``checkpoints/<step>/`` with two items: ``state`` (the
-train state pytree: step, params, optimizer and model state) and ``config``
-(the run's config as JSON, so every checkpoint says how it was made).
+A run's workdir holds ``checkpoints/<step>/`` with three items: ``state`` (the
+train state pytree: step, params, optimizer and model state), ``config`` (the
+run's config as JSON, so every checkpoint says how it was made) and ``data``
+(the input iterator's state as JSON: the step of its next batch and what fixes
+the order, ``cdft.data.pipeline.TrainIterator.state``).
 Saves are asynchronous; ``close()`` waits for them. A restart restores the
 latest checkpoint into the sharding of the freshly built state.
 """
@@ -53,7 +55,8 @@ def make_manager(workdir, every_steps, keep_last, keep_every_steps=0, read_only=
   return ocp.CheckpointManager(
       directory, options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "config": ocp.JsonCheckpointHandler()})
+                     "config": ocp.JsonCheckpointHandler(),
+                     "data": ocp.JsonCheckpointHandler()})
 
 
 def latest_step(workdir):
@@ -68,13 +71,22 @@ def latest_step(workdir):
   return max(steps) if steps else None
 
 
-def save(manager, step, state, config_dict, force=False):
-  """Saves ``state`` (and the config) at ``step``; returns whether it saved."""
-  return manager.save(
-      int(step),
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              config=ocp.args.JsonSave(config_dict)),
-      force=force)
+def save(manager, step, state, config_dict, data_state=None, force=False):
+  """Saves ``state``, the config and the input's ``data_state`` at ``step``; returns
+  whether it saved."""
+  items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config_dict)}
+  if data_state is not None:
+    items["data"] = ocp.args.JsonSave(data_state)
+  return manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+
+
+def restore_data_state(workdir, step):
+  """The input iterator's state saved with checkpoint ``step``, or None (a checkpoint
+  from before it was saved). Read as a file: no manager, no collectives."""
+  path = workdir_path(workdir) / SUBDIR / str(int(step)) / "data"
+  if not path.exists():
+    return None
+  return ocp.JsonCheckpointHandler().restore(path, ocp.args.JsonRestore())
 
 
 def restore_latest(manager, abstract_state):

@@ -7,6 +7,7 @@ feeds only its own part of the global batch
 (:func:`global_batch`), so the same code runs on one CPU with 8 fake devices and
 on a multi-host GPU/TPU pod.
 """
+import collections
 import math
 import os
 
@@ -83,6 +84,19 @@ def global_batch(local_batch, mesh):
   sharding = batch_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def prefetch_to_mesh(local_batches, mesh, size=2):
+  """Yields ``global_batch(b, mesh)`` of each batch of ``local_batches``, keeping ``size``
+  of them already placed (the transfers are asynchronous: the next batches go to the
+  devices while the step runs). ``size`` 0 places each batch when it is asked for."""
+  queue = collections.deque()
+  for local in local_batches:
+    queue.append(global_batch(local, mesh))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 # Most CPU devices split_cpu_host makes of one process's cores. Measured with
