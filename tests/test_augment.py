@@ -118,7 +118,8 @@ def test_photo_crops_ship_uint8_and_the_step_scales_them_exactly(name, pp, tmp_p
     Image.fromarray(pixels).save(tmp_path / f"{i}.png")
   cfg = ml_collections.ConfigDict({
       "dataset": "image_folder", "manual_dir": str(tmp_path), "data_dir": str(tmp_path / "tfds"),
-      "split": "train", "preprocess": name, "pp": pp, "on_device": True})
+      "split": "train", "preprocess": name, "pp": pp, "on_device": True,
+      "num_workers": 0})  # decoding threads: the workers are test_data's and test_train's
   shipped = next(train.make_input(cfg, global_batch_size=4, seed=3, start_step=0))["image"]
   cfg.on_device = False
   host = next(train.make_input(cfg, global_batch_size=4, seed=3, start_step=0))["image"]

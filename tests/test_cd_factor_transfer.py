@@ -26,6 +26,7 @@ def _cd_tiny(config, folder, data_dir):
   config.input.pp.shorter_side = 34
   config.input.pp.crop = 32
   config.teacher.encoder = "random"
+  config.input.num_workers = 0  # decoding threads (test_train's CLI tests spawn workers)
   return tiny(config, batch=8)
 
 

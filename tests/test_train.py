@@ -298,11 +298,12 @@ def _launch(workdir, folder, data_dir, process_id=None, num_processes=1, port=No
 
 def test_two_processes_match_one(image_folder, tmp_path):
   data_dir = tmp_path / "tfds"
-  single = _launch(tmp_path / "one", image_folder, data_dir)
+  threads = ("--config.input.num_workers=0",)  # the grain workers are the kill -9 test's
+  single = _launch(tmp_path / "one", image_folder, data_dir, extra=threads)
   out, _ = single.communicate(timeout=600)
   assert single.returncode == 0, out[-3000:]
   port = _free_port()
-  procs = [_launch(tmp_path / "two", image_folder, data_dir, i, 2, port, devices=4)
+  procs = [_launch(tmp_path / "two", image_folder, data_dir, i, 2, port, devices=4, extra=threads)
            for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, o in zip(procs, outs):
@@ -320,7 +321,9 @@ def test_kill_9_mid_training_then_resume_ends_on_the_uninterrupted_loss(image_fo
   import time  # pylint: disable=import-outside-toplevel
   data_dir = tmp_path / "tfds"
   extra = ("--config.total_steps=8", "--config.checkpoint_every=2")
-  whole = _launch(tmp_path / "whole", image_folder, data_dir, extra=extra)
+  # The reference decodes in threads (the same batches: test_data.py), the victim in workers.
+  whole = _launch(tmp_path / "whole", image_folder, data_dir,
+                  extra=extra + ("--config.input.num_workers=0",))
   out, _ = whole.communicate(timeout=600)
   assert whole.returncode == 0, out[-3000:]
   victim = _launch(tmp_path / "victim", image_folder, data_dir, extra=extra)
