@@ -1,6 +1,8 @@
 """Tests of the input pipeline: preprocessing, sources, image_folder, iterators."""
 import io
 import logging
+import os
+import sys
 
 import numpy as np
 from PIL import Image
@@ -326,6 +328,26 @@ def test_worker_processes_give_the_same_batches_and_report_failures(caplog):
   assert warned == warned_here and "skipping unreadable example 3 of recorder" in warned[0]
   with pytest.raises(CdftError, match="num_workers must be an integer >= 0"):
     _train(_Recorder(16), process_index=0, process_count=1, num_workers=-1)
+
+
+def _die(example, rng):
+  del example, rng
+  os._exit(3)  # pylint: disable=protected-access
+
+
+def test_a_dead_worker_is_explained():
+  it = pipeline.make_train_iterator(_Recorder(8), _die, global_batch_size=4, seed=0,
+                                    process_index=0, process_count=1, num_workers=1)
+  with pytest.raises(CdftError, match=r"a data worker process died .*"
+                     r"if __name__ == '__main__'.*num_workers=0"):
+    next(it)
+  it.close()
+
+
+def test_without_grain_the_error_says_what_to_install(monkeypatch):
+  monkeypatch.setitem(sys.modules, "grain", None)  # `import grain` raises ImportError
+  with pytest.raises(CdftError, match=r"needs grain: pip install 'cdft\[data\]'"):
+    _train(_Recorder(8), process_index=0, process_count=1)
 
 
 def test_same_seed_same_data_other_seed_other_data():
