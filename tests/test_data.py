@@ -2,9 +2,11 @@
 import io
 import logging
 import os
+import signal
 import sys
 
 import numpy as np
+import psutil
 from PIL import Image
 import pytest
 
@@ -317,7 +319,16 @@ def test_worker_processes_give_the_same_batches_and_report_failures(caplog):
   caplog.clear()
   with _train(_Recorder(16, bad), process_index=1, process_count=2, start_step=3,
               num_workers=2) as there:
-    got = _take(there, 5)
+    got = _take(there, 2)
+    # Ctrl-C and a scheduler's SIGTERM reach the workers too: they leave them to the trainer.
+    workers = [c for c in psutil.Process().children(recursive=True)
+               if "spawn_main" in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    for worker in workers:
+      worker.send_signal(signal.SIGINT)
+      worker.send_signal(signal.SIGTERM)
+    got += _take(there, 3)
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
     assert there.skipped == here.skipped > 0
     assert there.state() == {"step": 8, "seed": 5, "global_batch_size": 8, "num_examples": 16}
   for a, b in zip(want, got, strict=True):

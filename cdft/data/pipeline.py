@@ -41,6 +41,7 @@ are counted in ``skipped``). Sharded across processes the same contiguous way.
 import functools
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -137,10 +138,17 @@ def _exit_with_parent(parent_pid, every_s=1.0):
 
 
 def _worker_init(*_):
-  """Runs first in each grain worker process: grain's flags, and no orphans. A trainer
-  killed with SIGKILL runs no cleanup; its workers would go on decoding (and hold the
-  trainer's stdout open) until the machine is rebooted, so each watches its parent."""
+  """Runs first in each grain worker process: grain's flags, signals and no orphans.
+
+  Ctrl-C in a terminal (SIGINT) and a scheduler's stop (SIGTERM to the job's processes)
+  reach the workers too; the trainer handles them (it saves its step and exits, closing
+  the input), so the workers ignore them: one that died first would fail the batch the
+  trainer waits for before it can save. A trainer killed with SIGKILL runs no cleanup;
+  its workers would go on decoding (and hold its stdout open), so each watches its parent.
+  """
   _grain_flags()
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, signal.SIG_IGN)
   threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
                    name="cdft-exit-with-parent").start()
 
