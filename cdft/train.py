@@ -107,16 +107,17 @@ def make_input(input_cfg, *, global_batch_size, seed, start_step, train=True):
   source = sources.get_source(input_cfg.dataset, input_cfg.split,
                               data_dir=input_cfg.data_dir or None,
                               manual_dir=input_cfg.manual_dir or None)
+  in_memory = hasattr(source, "get_batch")  # CIFAR, the digits: one uint8 array
   if input_cfg.get("on_device", False):  # The task preprocesses (or scales) in its step.
     augment.device_op(input_cfg)  # A bad op or argument fails here, before any batch.
-    fn = augment.host_fn(input_cfg, in_memory=train and hasattr(source, "get_batch"))
+    fn = augment.host_fn(input_cfg, in_memory=train and in_memory)
   else:
     fn = preprocess.get_preprocess(input_cfg.preprocess, **input_cfg.pp.to_dict())
   # Worker processes decode files; a source held in memory (CIFAR, the digits) would be
   # pickled into each of them, and its per-example work is small: threads.
   workers = int(input_cfg.get("num_workers", -1))
   workers = pipeline.default_workers() if workers < 0 else workers
-  workers = 0 if hasattr(source, "get_batch") else workers
+  workers = 0 if in_memory else workers
   if train:
     return pipeline.make_train_iterator(
         source, fn, global_batch_size=global_batch_size, seed=seed, start_step=start_step,

@@ -182,7 +182,7 @@ def _grain_iterator(dataset, *, num_workers, num_threads, prefetch):
 def _next(it, name):
   """``next(it)``, a dead grain worker explained."""
   try:
-    return _own(next(it))
+    return next(it)
   except RuntimeError as e:
     if "terminated unexpectedly" not in str(e):
       raise
@@ -194,8 +194,7 @@ def _next(it, name):
 
 
 def _own(tree):
-  """A batch from grain as plain numpy arrays (worker output lives in shared
-  memory until copied)."""
+  """A batch from grain's workers as plain numpy arrays (copied out of shared memory)."""
   if isinstance(tree, dict):
     return {k: _own(v) for k, v in tree.items()}
   if isinstance(tree, list):
@@ -267,8 +266,33 @@ class _Warnings:
 
 
 class _Iterator:
-  """Common iterator plumbing: close, context manager."""
+  """What the training and evaluation iterators share: the source and its checks, the
+  warnings, grain's iterator over the batches, close and the context manager."""
   _it = None
+
+  def __init__(self, source, *, num_workers, num_threads, prefetch):
+    self.num_workers = _check_int("num_workers", num_workers, 0)
+    self._num_threads = _check_int("num_threads", num_threads, 0)
+    self._prefetch = _check_int("prefetch", prefetch, 0)
+    self.source, self.num_examples = source, len(source)
+    if self.num_examples == 0:
+      raise CdftError(f"{_name(source)!s}: the data source is empty")
+    self._warnings = _Warnings(_name(source))
+
+  def _start(self, dataset):
+    """Iterates ``dataset`` (a ``grain.MapDataset`` of batches) with the workers or threads."""
+    self._it = _grain_iterator(dataset, num_workers=self.num_workers,
+                               num_threads=self._num_threads, prefetch=self._prefetch)
+
+  def _next_loaded(self):
+    """The next element of grain's iterator, its failures counted and warned about."""
+    if self._it is None:
+      raise CdftError(f"{_name(self.source)}: the iterator is closed")
+    out = _next(self._it, _name(self.source))
+    if self.num_workers:  # worker output lives in shared memory until copied
+      out = _own(out)
+    self._warnings.note(out["failures"])
+    return out
 
   def close(self):
     """Stops the worker threads and processes (pending work is dropped)."""
@@ -305,7 +329,6 @@ class TrainIterator(_Iterator):
     num_examples: N, the size of the source.
     steps_per_epoch: ``max(1, N // global_batch_size)``.
     step: the global step of the next batch.
-    read_ahead: batches prepared beyond the one returned (at most).
     global_batch_size, local_batch_size, process_index, process_count, seed, num_workers.
   """
 
@@ -315,17 +338,12 @@ class TrainIterator(_Iterator):
     self.global_batch_size = _check_int("global_batch_size", global_batch_size, 1)
     self.seed = _check_int("seed", seed, 0)
     self.step = _check_int("start_step", start_step, 0)
-    self.num_workers = _check_int("num_workers", num_workers, 0)
-    num_threads = _check_int("num_threads", num_threads, 0)
-    prefetch = _check_int("prefetch", prefetch, 0)
     self.process_index, self.process_count = _process_layout(process_index, process_count)
     self.local_batch_size = _local_batch(self.global_batch_size, self.process_count,
                                          "global batch size")
-    self.source, self.num_examples = source, len(source)
-    if self.num_examples == 0:
-      raise CdftError(f"{_name(source)!s}: the data source is empty")
+    super().__init__(source, num_workers=num_workers, num_threads=num_threads,
+                     prefetch=prefetch)
     self.steps_per_epoch = max(1, self.num_examples // self.global_batch_size)
-    self._warnings = _Warnings(_name(source))
     self._load = _TrainBatch(source, preprocess_fn, seed=self.seed,
                              global_batch_size=self.global_batch_size,
                              local_batch_size=self.local_batch_size,
@@ -334,12 +352,9 @@ class TrainIterator(_Iterator):
       if not hasattr(source, "get_batch"):
         raise CdftError(f"{_name(source)!s}: no preprocessing needs a source with get_batch "
                         "(an in-memory ArraySource)")
-      self.num_workers, self.read_ahead = 0, 0
+      self.num_workers = 0
       return
-    self.read_ahead = max(prefetch, 1) * max(self.num_workers, 1)
-    dataset = _grain().MapDataset.range(self.step, sys.maxsize).map(self._load)
-    self._it = _grain_iterator(dataset, num_workers=self.num_workers, num_threads=num_threads,
-                               prefetch=prefetch)
+    self._start(_grain().MapDataset.range(self.step, sys.maxsize).map(self._load))
 
   def state(self):
     """What restarts this iterator exactly: the next step and what fixes the order."""
@@ -359,11 +374,7 @@ class TrainIterator(_Iterator):
     if self._load.preprocess_fn is None:  # As stored: one gather, no threads.
       batch = self.source.get_batch(self.source_indices(self.step))
     else:
-      if self._it is None:
-        raise CdftError(f"{_name(self.source)}: the iterator is closed")
-      out = _next(self._it, _name(self.source))
-      self._warnings.note(out["failures"])
-      batch = out["batch"]
+      batch = self._next_loaded()["batch"]
     self.step += 1
     return batch
 
@@ -409,24 +420,17 @@ class EvalIterator(_Iterator):
   def __init__(self, source, preprocess_fn, *, batch_size, process_index=None,
                process_count=None, num_workers=0, num_threads=DEFAULT_THREADS, prefetch=2):
     self.batch_size = _check_int("batch_size", batch_size, 1)
-    num_workers = _check_int("num_workers", num_workers, 0)
-    num_threads = _check_int("num_threads", num_threads, 0)
-    prefetch = _check_int("prefetch", prefetch, 0)
     self.process_index, self.process_count = _process_layout(process_index, process_count)
     self.local_batch_size = _local_batch(self.batch_size, self.process_count, "eval batch size")
-    self.source, self.num_examples = source, len(source)
-    if self.num_examples == 0:
-      raise CdftError(f"{_name(source)!s}: the data source is empty")
+    super().__init__(source, num_workers=num_workers, num_threads=num_threads,
+                     prefetch=prefetch)
     self.num_batches = -(-self.num_examples // self.batch_size)
-    self._warnings = _Warnings(_name(source))
     self._load = _EvalBatch(source, preprocess_fn, batch_size=self.batch_size,
                             local_batch_size=self.local_batch_size,
                             process_index=self.process_index)
     self._next_batch = 0
     self._template = None
-    dataset = _grain().MapDataset.range(self.num_batches).map(self._load)
-    self._it = _grain_iterator(dataset, num_workers=num_workers, num_threads=num_threads,
-                               prefetch=prefetch)
+    self._start(_grain().MapDataset.range(self.num_batches).map(self._load))
 
   def __len__(self):
     return self.num_batches
@@ -448,8 +452,7 @@ class EvalIterator(_Iterator):
     if self._next_batch >= self.num_batches or self._it is None:
       self.close()
       raise StopIteration
-    out = _next(self._it, _name(self.source))
-    self._warnings.note(out["failures"])
+    out = self._next_loaded()
     self._next_batch += 1
     mask = np.array([example is not None for example in out["examples"]], np.float32)
     examples = [self._padding_template() if example is None else example
