@@ -194,7 +194,10 @@ def make_train_step(task, tx, schedule, seed):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                   learning_rate=schedule(step))
+                   learning_rate=schedule(step),
+                   # For the NaN guard before a save, not logged: an update can overflow
+                   # a finite gradient. In the step, it costs no program of its own.
+                   params_finite=_all_finite(params))
     new_state = {"step": step + 1, "params": params, "opt_state": opt_state,
                  "model_state": model_state}
     return new_state, metrics
@@ -285,7 +288,6 @@ def run(config, workdir, stream=None):
                        in_shardings=(state_sh, repl, sharding.batch_sharding(mesh)),
                        out_shardings=(state_sh, repl), donate_argnums=(0,),
                        compiler_options=step_compiler_options(task, mesh))
-  params_finite = jax.jit(_all_finite, out_shardings=repl)
   eval_fn = None
   if getattr(task, "evaluate", None) and eval_every:
     eval_fn = jax.jit(task.evaluate)
@@ -314,7 +316,7 @@ def run(config, workdir, stream=None):
         state, metrics = train_step(state, frozen, next(feed))
         step += 1
         if pending is not None:  # fetched one step late: the device stays busy
-          logged = dict(jax.device_get(pending[1]), data_skipped=data.skipped)
+          logged = _logged(pending[1], data)
           metrics_lib.check_finite(logged, pending[0], last_good)
           writer.write(pending[0], logged)
           pending = None
@@ -329,9 +331,9 @@ def run(config, workdir, stream=None):
         if step % checkpoint_every == 0 or must_save:
           # Nothing non-finite is saved: the step's loss and gradient norm, and
           # the parameters it produced (an update can overflow a finite gradient).
-          now = jax.device_get({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]})
+          now = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm", "params_finite")})
           metrics_lib.check_finite(now, step, last_good,
-                                   params_finite=bool(params_finite(state["params"])))
+                                   params_finite=bool(now.pop("params_finite")))
           # Interval saves are the manager's decision (its FixedIntervalPolicy);
           # only the last and the preemption save are forced.
           if checkpointing.save(manager, step, state, config_dict,
@@ -345,7 +347,7 @@ def run(config, workdir, stream=None):
                       "same command to resume)")
           break
     if pending is not None:
-      logged = dict(jax.device_get(pending[1]), data_skipped=data.skipped)
+      logged = _logged(pending[1], data)
       metrics_lib.check_finite(logged, pending[0], last_good)
       writer.write(pending[0], logged)
   finally:
@@ -358,6 +360,14 @@ def run(config, workdir, stream=None):
   return {"step": step, "params": jax.device_get(state["params"]),
           "model_state": jax.device_get(state["model_state"]), "metrics": logged,
           "preempted": preempted}
+
+
+def _logged(metrics, data):
+  """A step's metrics as logged: on the host, the input's skip count added, the guard's
+  ``params_finite`` left out."""
+  logged = jax.device_get(metrics)
+  del logged["params_finite"]
+  return dict(logged, data_skipped=data.skipped)
 
 
 def _advance(data_state, steps):

@@ -10,8 +10,10 @@ import subprocess
 import sys
 
 import jax
-import psutil
+import jax.numpy as jnp
 import numpy as np
+import optax
+import psutil
 import pytest
 
 from cdft import train
@@ -212,6 +214,18 @@ def test_nan_guard_checks_the_parameters_too():
   good = {"w": np.ones((2, 2), np.float32), "step": np.int32(3)}
   assert bool(train._all_finite(good))
   assert not bool(train._all_finite({**good, "b": np.array([1.0, np.inf], np.float32)}))
+  # The train step reports it: an SGD update that overflows a finite loss and gradient.
+  class Square:
+    def loss(self, params, model_state, frozen, batch, rng):
+      del frozen, batch, rng
+      return jnp.sum(params["w"] ** 2), ({}, model_state)
+  for lr, finite in ((1.0, True), (1e30, False)):
+    step = jax.jit(train.make_train_step(Square(), optax.sgd(lr), lambda s: lr, 0))
+    state = {"step": 0, "params": {"w": np.full(3, 1e10, np.float32)}, "model_state": {}}
+    state["opt_state"] = optax.sgd(lr).init(state["params"])
+    state, metrics = step(state, {}, {})
+    assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+    assert bool(metrics["params_finite"]) == finite == np.isfinite(state["params"]["w"]).all()
   metrics_lib.check_finite({"loss": 1.0, "grad_norm": 2.0}, 5, 4)  # all finite: no error
   with pytest.raises(metrics_lib.DivergenceError,
                      match="the parameters hold nan or inf at step 5: .*last good checkpoint "
