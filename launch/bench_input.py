@@ -6,9 +6,10 @@ and times ``--batches`` batches after ``--warmup`` (median of ``--repeats`` pass
 from a fresh iterator at a later step). The file-backed workloads run once per
 ``--workers`` count (``config.input.num_workers``: -1 the default, one grain worker
 process per two cores; 0 decoding threads in the process); ``first_batch_s`` is the
-time from building the iterator to its first batch (worker start-up included). No train step runs: this is what the input alone
-can deliver, to set beside the step it feeds (``--steps-json``, a ``bench_train.py`` JSON:
-the ratio input / step should be >= 3 so the step never waits).
+time from building the iterator to its first batch (worker start-up included). No train
+step runs: this is what the input alone can deliver, to set beside the step it feeds
+(``--steps-json``, a ``bench_train.py`` JSON: the ratio input / step should be >= 3 so
+the step never waits).
 
   python launch/bench_input.py --out benchmarks/input_cpu.json --workers=-1,0,2 \
       --steps-json benchmarks/train_cpu_avx512_ft.json benchmarks/train_cpu_avx512_cd.json

@@ -203,8 +203,8 @@ def main():
                  JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
       proc = subprocess.run(
           [sys.executable, __file__, "--child", "--step", name, "--warmup", str(args.warmup),
-           "--repeats", str(args.repeats), "--input", args.input], env=env, capture_output=True, text=True, cwd=REPO,
-          check=False)
+           "--repeats", str(args.repeats), "--input", args.input],
+          env=env, capture_output=True, text=True, cwd=REPO, check=False)
       if proc.returncode:
         print(proc.stderr[-3000:], file=sys.stderr)
         sys.exit(f"{name} on {n} devices failed")
