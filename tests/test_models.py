@@ -225,7 +225,7 @@ def _compiled(fn, *args, **options):
 
 
 # What the tests run (conftest.TEST_XLA_OPT), and what users run.
-TEST_OPTIONS = {"xla_backend_optimization_level": 2, "xla_cpu_use_fusion_emitters": False}
+TEST_OPTIONS = {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False}
 XLA_DEFAULTS = {"xla_backend_optimization_level": 3,  # launch/train.py: XLA's defaults
                 "xla_cpu_use_fusion_emitters": True}
 STYLIZE_OPTIONS = {"xla_backend_optimization_level": 3,  # cdft-stylize: cpu_tuning.FLAGS
@@ -238,14 +238,17 @@ class _Block(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    y = nn.relu(norm.BatchNorm(use_running_average=False)(nn.Conv(8, (3, 3))(x)))
-    y = norm.BatchNorm(use_running_average=False)(nn.Conv(8, (3, 3))(y))
+    # No bias before a train-mode BatchNorm (as in the ResNets): its gradient is
+    # zero up to rounding noise, which no tolerance relative to itself can compare.
+    conv = lambda: nn.Conv(8, (3, 3), use_bias=False)
+    y = nn.relu(norm.BatchNorm(use_running_average=False)(conv()(x)))
+    y = norm.BatchNorm(use_running_average=False)(conv()(y))
     y = nn.relu(y + nn.Conv(8, (1, 1))(x))
     return nn.Dense(10)(jnp.mean(nn.Conv(8, (3, 3), strides=2)(y), axis=(1, 2)))
 
 
 def test_the_tests_xla_settings_give_the_users_numbers():
-  """The tests run XLA:CPU at level 2 with the older loop emitters (conftest.py).
+  """The tests run XLA:CPU at level 1 with the older loop emitters (conftest.py).
 
   Checked on the two kinds of program the golden tests pin down. A stylization
   level (16x encoder, the WCT-style affine map of its features, decoder) gives
