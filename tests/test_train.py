@@ -212,8 +212,8 @@ def test_student_conv0_is_frozen_on_request(image_folder, tmp_path):
 
 def test_nan_guard_checks_the_parameters_too():
   good = {"w": np.ones((2, 2), np.float32), "step": np.int32(3)}
-  assert train._flat(good).shape == (4,)  # the floating leaves only
-  assert not np.isfinite(train._flat({**good, "b": np.array([1.0, np.inf], np.float32)})).all()
+  assert bool(train._all_finite(good))
+  assert not bool(train._all_finite({**good, "b": np.array([1.0, np.inf], np.float32)}))
   # The train step reports it: an SGD update that overflows a finite loss and gradient.
   class Square:
     def loss(self, params, model_state, frozen, batch, rng):
@@ -225,7 +225,6 @@ def test_nan_guard_checks_the_parameters_too():
     state["opt_state"] = optax.sgd(lr).init(state["params"])
     state, metrics = step(state, {}, {})
     assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
-    assert float(metrics["grad_norm"]) == pytest.approx(2e10 * np.sqrt(3), rel=1e-6)  # |2w|
     assert bool(metrics["params_finite"]) == finite == np.isfinite(state["params"]["w"]).all()
   metrics_lib.check_finite({"loss": 1.0, "grad_norm": 2.0}, 5, 4)  # all finite: no error
   with pytest.raises(metrics_lib.DivergenceError,
