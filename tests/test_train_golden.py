@@ -25,8 +25,10 @@ import numpy as np
 import pytest
 
 from cdft import models, tasks
+from cdft.kernels import conv as kernel_conv
 from cdft.training import optim
 from cdft.weights import convert
+from conftest import missing
 from test_train import load_config
 
 STAGE = 2
@@ -126,7 +128,18 @@ def _assert_rel(got, want, tol, what):
   assert err <= tol * scale, f"{what}: max |diff| {err:.3g} > {tol} x {scale:.3g}"
 
 
-def test_cd_student_three_steps_match_the_official_loop(golden, cd_case):
+@pytest.fixture(params=["xla", "onednn"])
+def convolutions(request):
+  """The CPU convolutions the step is traced with (config.cpu_conv): XLA's or oneDNN's."""
+  if request.param == "onednn":
+    ok, why = kernel_conv.onednn_available()
+    if not ok:
+      missing(f"oneDNN kernels unavailable: {why}")
+  with kernel_conv.cpu_convolutions(request.param):
+    yield request.param
+
+
+def test_cd_student_three_steps_match_the_official_loop(golden, cd_case, convolutions):
   rows, grads, params, opt_state = _run(cd_case)
   want = json.loads((golden / "cd_steps.json").read_text())["steps"]
   for got, ref in zip(rows, want):
@@ -227,7 +240,7 @@ def _ft_run(golden, task, dtype):
   return rows, grads, student, translator
 
 
-def test_ft_student_float32_step_one_matches_the_official_loop(golden, ft_task):
+def test_ft_student_float32_step_one_matches_the_official_loop(golden, ft_task, convolutions):
   """float32: the README's f32-vs-f64 distances (a ReLU near-tie flips differently in
   every float32 port): step-1 losses tight, step-1 gradients within 2e-2 of their max."""
   rows, grads, _, _ = _ft_run(golden, ft_task, jnp.float32)

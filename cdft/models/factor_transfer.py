@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from cdft.errors import CdftError
+from cdft.kernels.conv import conv_general_dilated
 from cdft.models.norm import BatchNorm
 from cdft.models.initializers import pytorch_bias_init, pytorch_kernel_init
 
@@ -43,7 +44,7 @@ def _leaky(x):
 def _conv3x3(features, fan_in, name, dtype, kernel_init=pytorch_kernel_init):
   return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=True,
                  kernel_init=kernel_init, bias_init=pytorch_bias_init(fan_in),
-                 dtype=dtype, name=name)
+                 dtype=dtype, name=name, conv_general_dilated=conv_general_dilated)
 
 
 def _check_channels(x, channels, who):
@@ -160,7 +161,7 @@ class HintRegressor(nn.Module):
     fan_in = k * k * x.shape[-1]
     y = nn.Conv(self.features, (k, k), padding=((k // 2, k // 2),) * 2,
                 kernel_init=pytorch_kernel_init, bias_init=pytorch_bias_init(fan_in),
-                name="conv")(x)
+                name="conv", conv_general_dilated=conv_general_dilated)(x)
     if self.use_bn:
       y = BatchNorm(use_running_average=not train, name="bn")(y)
     return nn.relu(y) if self.relu else y

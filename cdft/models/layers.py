@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cdft.kernels.conv import conv_general_dilated
 from cdft.models.initializers import pytorch_bias_init, pytorch_kernel_init
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -32,7 +33,7 @@ FIX_MIN_PIXELS = 1024 * 1024
 
 
 def _conv_valid(x, kernel):
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_DN)
+  return conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_DN)
 
 
 def _reflect_indices(n):
@@ -141,7 +142,7 @@ def reflect_conv3x3(x, kernel, bias, extent=None):
     return _conv_valid(reflect_pad1_region(x, extent), kernel) + bias
   if h < 3 or w < 3 or h * w < FIX_MIN_PIXELS:
     return reflect_conv3x3_naive(x, kernel, bias)
-  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DN)
+  y = conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DN)
   cols = _reflect_indices(w)
   rows = _reflect_indices(h)
   # Each strip holds the 3 padded rows (or columns) that feed one border line;

@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cdft.errors import CdftError
+from cdft.kernels.conv import conv_general_dilated
 from cdft.models.initializers import pytorch_bias_init, pytorch_kernel_init
 from cdft.models.norm import BatchNorm
 
@@ -59,7 +60,8 @@ def _conv(features, kernel, stride, name, dtype, init=pytorch_kernel_init):
   pad = kernel // 2  # PyTorch's symmetric padding, not SAME (differs at stride 2)
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=init, dtype=dtype, name=name)
+                 kernel_init=init, dtype=dtype, name=name,
+                 conv_general_dilated=conv_general_dilated)
 
 
 def _dense(num_classes, in_features, dtype, name, zero_bias=False):
