@@ -8,7 +8,9 @@ step time, images/s = batch / median. Device counts > 1 are fake CPU devices
 (``--xla_force_host_platform_device_count``): the same 2 cores, the batch split
 over them: each device's part of the batch stays in cache, so 8 devices are faster than 1
 on a CPU host, and ``launch/train.py`` splits a CPU host that way by default
-(``config.cpu_devices``). The official figures are those of this CPU type: the AVX-512 row
+(``config.cpu_devices``; with oneDNN convolutions, ``--cpu-conv``, it keeps one device). Each
+child starts as ``launch/train.py`` does, with malloc's huge pages (cdft.training.cpu_memory).
+The official figures are those of this CPU type: the AVX-512 row
 of ../shared/baselines/README.md §7, or the AVX2 ``train_official_cpu.json``.
 
 With ``--input pipeline`` each timed step also takes its batch from the real
@@ -76,6 +78,7 @@ def child(args):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from cdft import tasks, train  # pylint: disable=import-outside-toplevel
+  from cdft.kernels import conv as kernel_conv  # pylint: disable=import-outside-toplevel
   from cdft.training import optim, sharding  # pylint: disable=import-outside-toplevel
 
   cfg_name, cfg_arg, overrides, batch, side, _ = STEPS[args.step]
@@ -123,15 +126,17 @@ def child(args):
     feed = itertools.repeat(sharding.global_batch(host_batch, mesh))
   setup = time.perf_counter() - t0
   times, losses = [], []
-  for _ in range(args.warmup + args.repeats):
-    t = time.perf_counter()
-    state, metrics = step(state, frozen, next(feed))
-    losses.append(float(metrics["loss"]))  # syncs, as the baseline's .item()
-    times.append(time.perf_counter() - t)
+  with kernel_conv.cpu_convolutions(args.cpu_conv, mesh) as onednn:  # as launch/train.py
+    for _ in range(args.warmup + args.repeats):
+      t = time.perf_counter()
+      state, metrics = step(state, frozen, next(feed))
+      losses.append(float(metrics["loss"]))  # syncs, as the baseline's .item()
+      times.append(time.perf_counter() - t)
   timed = times[args.warmup:]
   med = statistics.median(timed)
   print(json.dumps({
       "step": args.step, "input": args.input, "devices": jax.device_count(), "batch": batch,
+      "convolutions": "onednn" if onednn else "xla",
       "input_hw": [side, side],
       "setup_s": round(setup, 3), "warmup_step_s": [round(x, 4) for x in times[:args.warmup]],
       "timed_step_s": [round(x, 4) for x in timed], "median_step_s": round(med, 4),
@@ -184,26 +189,32 @@ def main():
   parser.add_argument("--input", choices=("synthetic", "pipeline"), default="synthetic",
                       help="one random batch made before timing, or each step's batch from "
                            "the real input pipeline (see the module doc)")
+  parser.add_argument("--cpu-conv", default="auto",
+                      help="comma-separated config.cpu_conv values to compare: auto (oneDNN "
+                           "where cdft[onednn] builds, as launch/train.py), onednn, xla")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--step", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     child(args)
     return
+  from cdft.training import cpu_memory  # pylint: disable=import-outside-toplevel
   base = _baseline()
   results = []
-  print(f"{'step':22} {'dev':>3} {'median s':>9} {'img/s':>7} {'RSS GB':>7} "
+  print(f"{'step':22} {'conv':>6} {'dev':>3} {'median s':>9} {'img/s':>7} {'RSS GB':>7} "
         f"{'official img/s':>14} {'ratio':>6}")
   for name in args.steps.split(","):
     if name not in STEPS:
       parser.error(f"unknown step {name!r}; choose from {', '.join(STEPS)}")
-    for n in [int(d) for d in args.devices.split(",")]:
+    for n, cpu_conv in itertools.product([int(d) for d in args.devices.split(",")],
+                                         args.cpu_conv.split(",")):
       env = dict(os.environ,
                  XLA_FLAGS=f"--xla_force_host_platform_device_count={n} {args.xla_flags}".strip(),
                  JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+      env = cpu_memory.huge_pages_env(env) or env  # as launch/train.py starts
       proc = subprocess.run(
           [sys.executable, __file__, "--child", "--step", name, "--warmup", str(args.warmup),
-           "--repeats", str(args.repeats), "--input", args.input],
+           "--repeats", str(args.repeats), "--input", args.input, "--cpu-conv", cpu_conv],
           env=env, capture_output=True, text=True, cwd=REPO, check=False)
       if proc.returncode:
         print(proc.stderr[-3000:], file=sys.stderr)
@@ -214,7 +225,7 @@ def main():
       row["official_peak_rss_kb"] = ref.get("peak_rss_kb")
       results.append(row)
       ratio = (f"{row['images_per_s'] / ref['images_per_s']:.2f}x" if ref else "-")
-      print(f"{name:22} {n:>3} {row['median_step_s']:>9.3f} {row['images_per_s']:>7.2f} "
+      print(f"{name:22} {row['convolutions']:>6} {n:>3} {row['median_step_s']:>9.3f} {row['images_per_s']:>7.2f} "
             f"{row['peak_rss_kb'] / 1e6:>7.2f} {ref.get('images_per_s', float('nan')):>14.2f} "
             f"{ratio:>6}", flush=True)
   if args.out:
@@ -227,6 +238,8 @@ def main():
                     f"frozen weights; {args.warmup} warm-up + {args.repeats} timed steps; "
                     "median",
         "xla_flags": args.xla_flags,
+        "glibc_tunables": (cpu_memory.huge_pages_env(dict(os.environ)) or os.environ).get(
+            "GLIBC_TUNABLES", ""),
         "results": results}, indent=1) + "\n")
     print(f"wrote {args.out}")
 

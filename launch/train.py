@@ -13,7 +13,12 @@ launch/tpu_vm_pod.sh.
 """
 import sys
 
-from absl import app
+if __name__ == "__main__":
+  # Before anything else: glibc's malloc reads its tunables at process start.
+  from cdft.training import cpu_memory  # pylint: disable=g-import-not-at-top
+  cpu_memory.reexec_with_huge_pages()
+
+from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 from ml_collections import config_flags

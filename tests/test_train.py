@@ -408,17 +408,25 @@ def test_a_cpu_host_runs_the_step_on_several_cpu_devices():
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  from cdft.kernels import build  # pylint: disable=import-outside-toplevel
+  try:
+    build.find_onednn()
+    build.find_compiler()
+    onednn = True
+  except build.KernelUnavailable:
+    onednn = False
   cases = [(128, -1, 0, 1), (12, -1, 0, 1), (128, -1, 100, 1), (128, -1, 0, 32), (11, -1, 0, 1),
            (128, 1, 0, 1), (128, 2, 0, 1), (128, 5, 0, 1)]
+  cases = [c + ("xla",) for c in cases] + [(128, -1, 0, 1, "auto"), (128, 4, 0, 1, "onednn")]
   code = f"""
 import json, jax, ml_collections
 from cdft.errors import CdftError
 from cdft.training import sharding
 out = []
-for batch, cpu_devices, eval_batch, processes in {cases!r}:
+for batch, cpu_devices, eval_batch, processes, cpu_conv in {cases!r}:
   jax.config.update("jax_num_cpu_devices", -1)
   c = ml_collections.ConfigDict(dict(batch_size=batch, cpu_devices=cpu_devices,
-                                     eval_batch_size=eval_batch))
+                                     eval_batch_size=eval_batch, cpu_conv=cpu_conv))
   try:
     out.append([sharding.split_cpu_host(c, processes), jax.config.jax_num_cpu_devices])
   except CdftError as e:
@@ -432,7 +440,9 @@ print(json.dumps(out))
       [4, 4],  # 4 examples per process
       [None, -1],  # no divisor up to 8: one device
       [None, -1], [2, 2],
-      "config.cpu_devices=5 does not divide the per-process batch 128 (and eval batch 128)"]
+      "config.cpu_devices=5 does not divide the per-process batch 128 (and eval batch 128)",
+      # oneDNN convolutions use every core from one device; an explicit count still holds
+      [None, -1] if onednn else [8, 8], [4, 4]]
 
   def devices(**env):
     code = ("import jax, ml_collections; from cdft.training import sharding; "
@@ -443,6 +453,38 @@ print(json.dumps(out))
 
   assert devices() == ["8", "8"]  # the backends start with the devices set
   assert devices(XLA_FLAGS="--xla_force_host_platform_device_count=3") == ["None", "3"]
+
+
+def test_the_trainer_process_starts_with_malloc_huge_pages(tmp_path):
+  """cdft.training.cpu_memory: launch/train.py restarts its interpreter with glibc's
+  malloc asking for transparent huge pages, unless it cannot help or the user decided."""
+  import platform  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from cdft.training import cpu_memory  # pylint: disable=import-outside-toplevel
+  name, version = platform.libc_ver()
+  if sys.platform != "linux" or name != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35):
+    pytest.skip(f"needs glibc >= 2.35 on Linux, not {name} {version}")
+  thp = tmp_path / "enabled"
+  thp.write_text("always [madvise] never\n")
+  env = cpu_memory.huge_pages_env({"A": "1"}, thp)
+  assert env == {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  assert cpu_memory.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, thp) == {
+      "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+  assert cpu_memory.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, thp) is None
+  assert cpu_memory.huge_pages_env({"CDFT_KEEP_MALLOC": "1"}, thp) is None
+  thp.write_text("always madvise [never]\n")
+  assert cpu_memory.huge_pages_env({}, thp) is None
+  assert cpu_memory.huge_pages_env({}, tmp_path / "missing") is None
+
+  code = ("import os; from cdft.training import cpu_memory; cpu_memory.reexec_with_huge_pages(); "
+          "print(os.environ.get('GLIBC_TUNABLES'))")
+  base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CDFT_KEEP_MALLOC")}
+  run = lambda **env: subprocess.run([sys.executable, "-c", code], env=dict(base, **env),  # noqa: E731
+                                     capture_output=True, text=True, check=True).stdout.strip()
+  want = "glibc.malloc.hugetlb=1" if cpu_memory.huge_pages_env({}) else "None"
+  assert run() == want  # restarted once, with the tunable (where this kernel has THP)
+  assert run(CDFT_KEEP_MALLOC="1") == "None"
 
 
 def _losses(config, workdir):

@@ -105,6 +105,20 @@ def prefetch_to_mesh(local_batches, mesh, size=2):
 CPU_DEVICES_MAX = 8
 
 
+def _onednn_convolutions(config):
+  """Whether ``config.cpu_conv`` will put the convolutions on oneDNN here (its files and a
+  compiler are found; a build that then fails falls back to XLA with a warning)."""
+  from cdft.kernels import build  # pylint: disable=import-outside-toplevel
+  if config.get("cpu_conv", "xla") == "xla":
+    return False
+  try:
+    build.find_onednn()
+    build.find_compiler()
+  except build.KernelUnavailable:
+    return False
+  return True
+
+
 def split_cpu_host(config, process_count=1):
   """Runs the data-parallel step of a CPU-only host on several CPU devices of this process.
 
@@ -116,10 +130,16 @@ def split_cpu_host(config, process_count=1):
   the global batch. Must run before JAX starts its backends; a GPU or TPU
   host is not affected (only the CPU backend is split).
 
+  With oneDNN's convolutions (``config.cpu_conv``, :mod:`cdft.kernels`) the
+  automatic choice is one device: oneDNN runs each convolution on all the
+  cores, and the FT teacher's step was slower split (1 / 2 / 8 devices:
+  1.07 / 1.14 / 1.50 s).
+
   Args:
     config: the run's config: ``config.cpu_devices`` (-1: automatic, the
       largest divisor of the per-process batch and eval batch up to
-      :data:`CPU_DEVICES_MAX`; 0 or 1: one device; n: n devices).
+      :data:`CPU_DEVICES_MAX`, or one device with oneDNN convolutions; 0 or 1:
+      one device; n: n devices).
     process_count: processes of the run (each splits its own cores).
 
   Returns:
@@ -131,7 +151,7 @@ def split_cpu_host(config, process_count=1):
   if ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
       or jax.config.jax_num_cpu_devices != -1):
     return None
-  if wanted in (0, 1):
+  if wanted in (0, 1) or (wanted == -1 and _onednn_convolutions(config)):
     return None
   local = config.batch_size // max(process_count, 1)
   evals = (config.get("eval_batch_size") or config.batch_size) // max(process_count, 1)
