@@ -87,7 +87,7 @@ def _library_path():
   out.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".so.tmp", dir=out.parent)
   os.close(fd)
-  cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(SOURCE),
+  cmd = [cxx, "-O2", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-w", str(SOURCE),
          f"-I{jax.ffi.include_dir()}", f"-I{include}", f"-L{lib.parent}", "-ldnnl",
          f"-Wl,-rpath,{lib.parent}", "-o", tmp]
   print(f"cdft: building the oneDNN convolution kernels into {out.parent} (once)",

@@ -13,6 +13,8 @@
 // for the shape: a choice by timing would differ between processes, and with
 // it the rounding, so a resumed run would no longer end on the bits of an
 // uninterrupted one.
+#include <xmmintrin.h>
+
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -131,8 +133,20 @@ ffi::Error Check(size_t x_rank, size_t w_rank, int64_t x_channels, int64_t w_cha
   return ffi::Error::Success();
 }
 
+// Denormals flushed to zero (FTZ) and read as zero (DAZ) in every thread that runs
+// oneDNN's kernels, as XLA:CPU runs its own: without it, the OpenMP worker
+// threads take x86's slow path on the tiny values a training step produces.
+void FlushDenormals() {
+  thread_local bool flushed = false;
+  if (flushed) return;
+#pragma omp parallel
+  _mm_setcsr(_mm_getcsr() | 0x8040);
+  flushed = true;
+}
+
 template <class F>
 ffi::Error Guard(F f) {
+  FlushDenormals();
   try {
     f();
   } catch (const dnnl::error& e) {
