@@ -6,10 +6,11 @@ made before timing (no data loading), random frozen weights (cost does not
 depend on them), ``--warmup`` steps then ``--repeats`` timed steps, median
 step time, images/s = batch / median. Device counts > 1 are fake CPU devices
 (``--xla_force_host_platform_device_count``): the same 2 cores, the batch split
-over them: each device's part of the batch stays in cache, so 8 devices are faster than 1
-on a CPU host, and ``launch/train.py`` splits a CPU host that way by default
-(``config.cpu_devices``; with oneDNN convolutions, ``--cpu-conv``, it keeps one device). Each
-child starts as ``launch/train.py`` does, with malloc's huge pages (cdft.training.cpu_memory).
+over them. With XLA's convolutions each device's part of the batch stays in cache, so 8
+devices are faster than 1 on a CPU host and ``launch/train.py`` splits a CPU host that way
+(``config.cpu_devices``); with oneDNN's (``--cpu-conv``, ``config.cpu_conv``) one device is
+faster, and ``launch/train.py`` keeps one. Each child starts as ``launch/train.py`` does, with
+malloc's huge pages (cdft.training.cpu_memory).
 The official figures are those of this CPU type: the AVX-512 row
 of ../shared/baselines/README.md §7, or the AVX2 ``train_official_cpu.json``.
 
@@ -24,6 +25,7 @@ CIFAR configs' in-memory uint8 path, offline), the CD steps the photographs of
   python launch/bench_train.py --input pipeline --devices 8 --out benchmarks/train_pipeline.json
   python launch/bench_train.py --steps cd_decoder_k3 --devices 1 --repeats 3
   python launch/bench_train.py --steps ft_train_student --devices 1 --repeats 10
+  python launch/bench_train.py --steps ft_train_teacher --devices 1 --cpu-conv onednn,xla
 """
 import argparse
 import itertools
