@@ -185,3 +185,8 @@ def test_build_errors_name_what_is_missing(monkeypatch, tmp_path):
   with pytest.raises(build.KernelUnavailable, match="building onednn_conv.cc failed"):
     build._library_path()  # pylint: disable=protected-access
   assert not [p for p in (tmp_path / "cache" / "kernels").iterdir()]  # no partial library left
+  (tmp_path / "file").write_text("")
+  monkeypatch.setenv("CDFT_CACHE_DIR", str(tmp_path / "file"))  # not a folder
+  with pytest.raises(build.KernelUnavailable,
+                     match="cannot write the kernel cache .*CDFT_CACHE_DIR"):
+    build._library_path()  # pylint: disable=protected-access

@@ -84,8 +84,12 @@ def _library_path():
   out = cache_dir() / f"libcdft_onednn-{digest.hexdigest()[:16]}.so"
   if out.is_file():
     return out
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".so.tmp", dir=out.parent)
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".so.tmp", dir=out.parent)
+  except OSError as e:
+    raise KernelUnavailable(f"cannot write the kernel cache {out.parent} ({e}); set "
+                            "CDFT_CACHE_DIR to a writable folder") from e
   os.close(fd)
   cmd = [cxx, "-O2", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-w", str(SOURCE),
          f"-I{jax.ffi.include_dir()}", f"-I{include}", f"-L{lib.parent}", "-ldnnl",
