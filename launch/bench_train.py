@@ -227,7 +227,8 @@ def main():
       row["official_peak_rss_kb"] = ref.get("peak_rss_kb")
       results.append(row)
       ratio = (f"{row['images_per_s'] / ref['images_per_s']:.2f}x" if ref else "-")
-      print(f"{name:22} {row['convolutions']:>6} {n:>3} {row['median_step_s']:>9.3f} {row['images_per_s']:>7.2f} "
+      print(f"{name:22} {row['convolutions']:>6} {n:>3} {row['median_step_s']:>9.3f} "
+            f"{row['images_per_s']:>7.2f} "
             f"{row['peak_rss_kb'] / 1e6:>7.2f} {ref.get('images_per_s', float('nan')):>14.2f} "
             f"{ratio:>6}", flush=True)
   if args.out:

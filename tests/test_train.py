@@ -463,7 +463,8 @@ def test_the_trainer_process_starts_with_malloc_huge_pages(tmp_path):
   import sys  # pylint: disable=import-outside-toplevel
   from cdft.training import cpu_memory  # pylint: disable=import-outside-toplevel
   name, version = platform.libc_ver()
-  if sys.platform != "linux" or name != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35):
+  too_old = name != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35)
+  if sys.platform != "linux" or too_old:
     pytest.skip(f"needs glibc >= 2.35 on Linux, not {name} {version}")
   thp = tmp_path / "enabled"
   thp.write_text("always [madvise] never\n")
@@ -480,8 +481,9 @@ def test_the_trainer_process_starts_with_malloc_huge_pages(tmp_path):
   code = ("import os; from cdft.training import cpu_memory; cpu_memory.reexec_with_huge_pages(); "
           "print(os.environ.get('GLIBC_TUNABLES'))")
   base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CDFT_KEEP_MALLOC")}
-  run = lambda **env: subprocess.run([sys.executable, "-c", code], env=dict(base, **env),  # noqa: E731
-                                     capture_output=True, text=True, check=True).stdout.strip()
+  def run(**env):
+    return subprocess.run([sys.executable, "-c", code], env=dict(base, **env),
+                          capture_output=True, text=True, check=True).stdout.strip()
   want = "glibc.malloc.hugetlb=1" if cpu_memory.huge_pages_env({}) else "None"
   assert run() == want  # restarted once, with the tunable (where this kernel has THP)
   assert run(CDFT_KEEP_MALLOC="1") == "None"
