@@ -181,13 +181,6 @@ def step_compiler_options(task, mesh):
   return dict(getattr(task, "cpu_compiler_options", None) or {}) or None
 
 
-def _cpu_conv(config, mesh):
-  """``config.cpu_conv`` on a CPU mesh; XLA's convolutions on any other backend."""
-  if mesh.devices.flat[0].platform != "cpu":
-    return "xla"
-  return config.get("cpu_conv", "xla")
-
-
 def make_train_step(task, tx, schedule, seed):
   def train_step(state, frozen, batch):
     step = state["step"]
@@ -319,8 +312,8 @@ def run(config, workdir, stream=None):
   feed = sharding.prefetch_to_mesh(itertools.chain([first], data), mesh,
                                    config.get("device_prefetch", 2))
   try:
-    with _StopFlag() as stop, kernel_conv.cpu_convolutions(_cpu_conv(config, mesh), mesh,
-                                                          stream) as onednn:
+    with _StopFlag() as stop, kernel_conv.cpu_convolutions(config.get("cpu_conv", "xla"),
+                                                          mesh, stream) as onednn:
       if onednn:
         writer.info("convolutions: oneDNN (config.cpu_conv; cdft.kernels)")
       while step < n_steps:

@@ -1,5 +1,5 @@
 """cdft.kernels: oneDNN convolutions against XLA's, sharded and not, and their fallbacks."""
-import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +12,7 @@ from conftest import missing
 from cdft.errors import CdftError
 from cdft.kernels import build
 from cdft.kernels import conv as kconv
+from test_train_golden import _assert_rel
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -42,12 +43,6 @@ def _value_and_grads(conv, x, w, dy):
   return y, grads
 
 
-def _close(got, want, tol, what):
-  err = float(jnp.max(jnp.abs(got - want)))
-  scale = float(jnp.max(jnp.abs(want)))
-  assert err <= tol * scale, f"{what}: max |diff| {err:.3g} > {tol} x {scale:.3g}"
-
-
 @pytest.mark.parametrize("shape,kernel,strides,padding", [
     ((4, 9, 9, 5), (3, 3), (1, 1), "SAME"),
     ((4, 10, 10, 16), (3, 3), (2, 2), ((1, 1), (1, 1))),  # a ResNet downsampling conv
@@ -70,9 +65,9 @@ def test_onednn_convolution_and_its_gradients_equal_xla(onednn, shape, kernel, s
     hlo = jax.jit(conv).lower(x, w).as_text()
   assert "CdftConvForward" in hlo
   assert y.shape == want_y.shape
-  _close(y, want_y, 1e-6, "forward")
-  _close(dx, want_dx, 1e-6, "input gradient")
-  _close(dw, want_dw, 1e-6, "kernel gradient")
+  _assert_rel(y, want_y, 1e-6, "forward")
+  _assert_rel(dx, want_dx, 1e-6, "input gradient")
+  _assert_rel(dw, want_dw, 1e-6, "kernel gradient")
 
 
 def test_sharded_onednn_convolution_runs_per_device_and_equals_xla(onednn):
@@ -97,9 +92,9 @@ def test_sharded_onednn_convolution_runs_per_device_and_equals_xla(onednn):
     y, dx, dw = step(xs, ws, dys)
   assert hlo.count("CdftConv") >= 3 and "all-gather" not in hlo
   assert y.sharding.spec == P("data")
-  _close(y, want_y, 1e-6, "forward")
-  _close(dx, want_dx, 1e-6, "input gradient")
-  _close(dw, want_dw, 1e-6, "kernel gradient")
+  _assert_rel(y, want_y, 1e-6, "forward")
+  _assert_rel(dx, want_dx, 1e-6, "input gradient")
+  _assert_rel(dw, want_dw, 1e-6, "kernel gradient")
 
 
 def test_xla_convolutions_outside_the_policy_and_where_onednn_does_not_apply(onednn):
@@ -123,6 +118,10 @@ def test_xla_convolutions_outside_the_policy_and_where_onednn_does_not_apply(one
     assert not on
     assert "CdftConv" not in jax.jit(lambda: same(x32, w32)).lower().as_text()
   assert "CdftConv" not in jax.jit(lambda: same(x32, w32)).lower().as_text()  # no policy
+  gpu = types.SimpleNamespace(platform="gpu")
+  with kconv.cpu_convolutions("onednn", types.SimpleNamespace(devices=np.array([gpu]))) as on:
+    assert not on  # a GPU (or TPU) mesh keeps XLA's convolutions, whatever the mode
+    assert "CdftConv" not in jax.jit(lambda: same(x32, w32)).lower().as_text()
 
 
 def test_a_resnet_train_step_on_onednn_equals_xla(onednn):
@@ -147,7 +146,7 @@ def test_a_resnet_train_step_on_onednn_equals_xla(onednn):
     got_loss, got = grads()
   assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-5)
   for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-    _close(g, r, 1e-4, jax.tree_util.keystr(path))
+    _assert_rel(g, r, 1e-4, jax.tree_util.keystr(path))
 
 
 def test_auto_falls_back_to_xla_with_one_warning_and_onednn_says_why(monkeypatch, capsys):

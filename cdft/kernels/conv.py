@@ -32,7 +32,7 @@ from cdft.kernels import build
 MODES = ("auto", "xla", "onednn")
 DATA_AXIS = "data"
 
-_policy = threading.local()  # .use_onednn, .mesh while cpu_convolutions is in force
+_policy = threading.local()  # .state = (oneDNN on, mesh) while cpu_convolutions is in force
 _warned = set()
 
 
@@ -57,13 +57,17 @@ def cpu_convolutions(mode, mesh=None, stream=None):
     stream: where the 'auto' fallback warning goes (default stderr).
 
   Yields:
-    True if oneDNN convolutions are on.
+    True if oneDNN convolutions are on: never for a mesh of another platform
+    (or, without a mesh, another default backend), whose programs keep XLA's.
 
   Raises:
     CdftError: an unknown mode; build.KernelUnavailable: 'onednn' and no kernels.
   """
   if mode not in MODES:
     raise CdftError(f"config.cpu_conv must be one of {MODES}, got {mode!r}")
+  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  if platform != "cpu":
+    mode = "xla"
   use = False
   if mode == "onednn":
     build.load()
@@ -157,11 +161,10 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _onednn_case(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                 feature_group_count, batch_group_count, preferred_element_type):
-  use, mesh = getattr(_policy, "state", None) or (False, None)
-  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-  if not use or platform != "cpu":
+def _onednn_case(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+                 batch_group_count, preferred_element_type):
+  use, _ = getattr(_policy, "state", None) or (False, None)
+  if not use:
     return False
   if lhs.ndim != 4 or lhs.dtype != np.float32 or rhs.dtype != np.float32:
     return False
@@ -180,7 +183,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
   """``jax.lax.conv_general_dilated``, on oneDNN where :func:`cpu_convolutions` says so."""
-  if not _onednn_case(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+  if not _onednn_case(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
                       feature_group_count, batch_group_count, preferred_element_type):
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,

@@ -16,13 +16,12 @@
 #include <xmmintrin.h>
 
 #include <cstdint>
-#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
-#include <vector>
+#include <unordered_map>
 
 #include "dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -47,8 +46,8 @@ using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int
 class Scratch {
  public:
   Scratch(size_t bytes, int slot) {
-    thread_local std::unique_ptr<char[]> buffers[3];
-    thread_local size_t sizes[3] = {0, 0, 0};
+    thread_local std::unique_ptr<char[]> buffers[2];  // 0: a reordered kernel, 1: scratchpad
+    thread_local size_t sizes[2] = {0, 0};
     size_t need = bytes + 64;
     if (sizes[slot] < need) {
       buffers[slot].reset(new char[need]);
@@ -125,12 +124,23 @@ Key MakeKey(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions w, int64_t 
   return Key(x[0], x[1], x[2], x[3], w[0], w[1], w[3], sh, sw, pt, pb, pl, pr);
 }
 
-ffi::Error Check(size_t x_rank, size_t w_rank, int64_t x_channels, int64_t w_channels) {
-  if (x_rank != 4 || w_rank != 4)
+// x: NHWC (the input or its gradient), w: HWIO (the kernel or its gradient).
+ffi::Error Check(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions w) {
+  if (x.size() != 4 || w.size() != 4)
     return ffi::Error::InvalidArgument("cdft oneDNN convolution: NHWC and HWIO operands expected");
-  if (x_channels != w_channels)
+  if (x[3] != w[2])
     return ffi::Error::InvalidArgument("cdft oneDNN convolution: input and kernel channels differ");
   return ffi::Error::Success();
+}
+
+// Runs `prim` on `args` with its scratchpad (per-thread memory of `pd`'s size) and waits.
+template <class PD, class Prim>
+void Execute(const PD& pd, const Prim& prim, std::unordered_map<int, memory> args,
+             dnnl::stream& s) {
+  Scratch pad(pd.scratchpad_desc().get_size(), 1);
+  args.emplace(DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), Engine(), pad.ptr()));
+  prim.execute(s, args);
+  s.wait();
 }
 
 // Denormals flushed to zero (FTZ) and read as zero (DAZ) in every thread that runs
@@ -158,20 +168,15 @@ ffi::Error Guard(F f) {
 ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
                        int64_t pb, int64_t pl, int64_t pr) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (auto e = Check(xd.size(), wd.size(), xd.back(), wd.size() == 4 ? wd[2] : 0); e.failure())
-    return e;
+  if (auto e = Check(x.dimensions(), w.dimensions()); e.failure()) return e;
   return Guard([&] {
-    const Plans& p = GetPlans(MakeKey(xd, wd, sh, sw, pt, pb, pl, pr));
+    const Plans& p = GetPlans(MakeKey(x.dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr));
     dnnl::stream s(Engine());
-    memory wei = Weights(p, p.fwd_pd.weights_desc(), w.typed_data(), s);
-    Scratch pad(p.fwd_pd.scratchpad_desc().get_size(), 1);
-    p.fwd.execute(s, {{DNNL_ARG_SRC, memory(p.src, Engine(), x.typed_data())},
-                      {DNNL_ARG_WEIGHTS, wei},
-                      {DNNL_ARG_DST, memory(p.dst, Engine(), y->typed_data())},
-                      {DNNL_ARG_SCRATCHPAD,
-                       memory(p.fwd_pd.scratchpad_desc(), Engine(), pad.ptr())}});
-    s.wait();
+    Execute(p.fwd_pd, p.fwd,
+            {{DNNL_ARG_SRC, memory(p.src, Engine(), x.typed_data())},
+             {DNNL_ARG_WEIGHTS, Weights(p, p.fwd_pd.weights_desc(), w.typed_data(), s)},
+             {DNNL_ARG_DST, memory(p.dst, Engine(), y->typed_data())}},
+            s);
   });
 }
 
@@ -179,20 +184,15 @@ ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                             ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
                             int64_t pb, int64_t pl, int64_t pr) {
-  auto xd = dx->dimensions(), wd = w.dimensions();
-  if (auto e = Check(xd.size(), wd.size(), xd.back(), wd.size() == 4 ? wd[2] : 0); e.failure())
-    return e;
+  if (auto e = Check(dx->dimensions(), w.dimensions()); e.failure()) return e;
   return Guard([&] {
-    const Plans& p = GetPlans(MakeKey(xd, wd, sh, sw, pt, pb, pl, pr));
+    const Plans& p = GetPlans(MakeKey(dx->dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr));
     dnnl::stream s(Engine());
-    memory wei = Weights(p, p.bwd_data_pd.weights_desc(), w.typed_data(), s);
-    Scratch pad(p.bwd_data_pd.scratchpad_desc().get_size(), 1);
-    p.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, memory(p.dst, Engine(), dy.typed_data())},
-                           {DNNL_ARG_WEIGHTS, wei},
-                           {DNNL_ARG_DIFF_SRC, memory(p.src, Engine(), dx->typed_data())},
-                           {DNNL_ARG_SCRATCHPAD,
-                            memory(p.bwd_data_pd.scratchpad_desc(), Engine(), pad.ptr())}});
-    s.wait();
+    Execute(p.bwd_data_pd, p.bwd_data,
+            {{DNNL_ARG_DIFF_DST, memory(p.dst, Engine(), dy.typed_data())},
+             {DNNL_ARG_WEIGHTS, Weights(p, p.bwd_data_pd.weights_desc(), w.typed_data(), s)},
+             {DNNL_ARG_DIFF_SRC, memory(p.src, Engine(), dx->typed_data())}},
+            s);
   });
 }
 
@@ -200,27 +200,24 @@ ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
 ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                                ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
                                int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  auto xd = x.dimensions(), wd = dw->dimensions();
-  if (auto e = Check(xd.size(), wd.size(), xd.back(), wd.size() == 4 ? wd[2] : 0); e.failure())
-    return e;
+  if (auto e = Check(x.dimensions(), dw->dimensions()); e.failure()) return e;
   return Guard([&] {
-    const Plans& p = GetPlans(MakeKey(xd, wd, sh, sw, pt, pb, pl, pr));
+    const Plans& p = GetPlans(MakeKey(x.dimensions(), dw->dimensions(), sh, sw, pt, pb, pl, pr));
     dnnl::stream s(Engine());
     memory out(p.wei_hwio, Engine(), dw->typed_data());
     auto want = p.bwd_weights_pd.diff_weights_desc();
-    memory packed = out;
-    if (!(want == p.wei_hwio)) {
-      Scratch bytes(want.get_size(), 0);
-      packed = memory(want, Engine(), bytes.ptr());
+    bool packed = !(want == p.wei_hwio);  // oneDNN's layout, reordered into `out` after
+    Scratch bytes(packed ? want.get_size() : 0, 0);
+    memory result = packed ? memory(want, Engine(), bytes.ptr()) : out;
+    Execute(p.bwd_weights_pd, p.bwd_weights,
+            {{DNNL_ARG_SRC, memory(p.src, Engine(), x.typed_data())},
+             {DNNL_ARG_DIFF_DST, memory(p.dst, Engine(), dy.typed_data())},
+             {DNNL_ARG_DIFF_WEIGHTS, result}},
+            s);
+    if (packed) {
+      dnnl::reorder(result, out).execute(s, result, out);
+      s.wait();
     }
-    Scratch pad(p.bwd_weights_pd.scratchpad_desc().get_size(), 1);
-    p.bwd_weights.execute(s, {{DNNL_ARG_SRC, memory(p.src, Engine(), x.typed_data())},
-                              {DNNL_ARG_DIFF_DST, memory(p.dst, Engine(), dy.typed_data())},
-                              {DNNL_ARG_DIFF_WEIGHTS, packed},
-                              {DNNL_ARG_SCRATCHPAD,
-                               memory(p.bwd_weights_pd.scratchpad_desc(), Engine(), pad.ptr())}});
-    if (!(want == p.wei_hwio)) dnnl::reorder(packed, out).execute(s, packed, out);
-    s.wait();
   });
 }
 
