@@ -8,7 +8,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "cdft"
 
 # Unit -> layer, as the table of ARCHITECTURE.md.
 LAYERS = {
-    "cdft.errors": 0, "cdft.configlib": 0,
+    "cdft.errors": 0, "cdft.configlib": 0, "cdft.cachedir": 0,
     "cdft.io": 1, "cdft.kernels": 1,
     "cdft.models": 2, "cdft.training": 2, "cdft.data": 2,
     "cdft.losses": 3, "cdft.weights": 3,

@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from cdft.errors import WeightError
+from cdft.kernels import build as kernel_build
 from cdft.weights import zoo
 
 _ENV_VARS = ("CDFT_WEIGHTS_DIR", "CDFT_CACHE_DIR", "CDFT_ZOO_URL_BASE",
@@ -339,3 +340,7 @@ def test_cache_dir_resolution(clean_env, monkeypatch, tmp_path):
       tmp_path / "arg" / "converted")
   assert zoo.converted_cache_dir() == tmp_path / "env" / "converted"
   assert not os.path.exists(tmp_path / "env")  # Not created.
+  monkeypatch.setenv("CDFT_CACHE_DIR", "~/cdft-cache")  # as a shell would leave it quoted
+  assert zoo.resolve_cache_dir() == tmp_path / "home" / "cdft-cache"
+  # The built kernels live in the same cache (one resolver, cdft.cachedir).
+  assert kernel_build.cache_dir() == tmp_path / "home" / "cdft-cache" / "kernels"

@@ -22,6 +22,7 @@ import sysconfig
 import tempfile
 import threading
 
+from cdft import cachedir
 from cdft.errors import CdftError
 
 SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
@@ -37,9 +38,8 @@ class KernelUnavailable(CdftError):
 
 
 def cache_dir():
-  root = os.environ.get("CDFT_CACHE_DIR") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cdft")
-  return pathlib.Path(root) / "kernels"
+  """``kernels/`` of the cdft cache (cdft.cachedir)."""
+  return cachedir.resolve() / "kernels"
 
 
 def _onednn_roots():

@@ -35,13 +35,14 @@ import threading
 import urllib.error
 import urllib.request
 
+from cdft import cachedir
 from cdft.errors import WeightError
 from cdft.io import files
 
 URL_BASE = "https://raw.githubusercontent.com"
 URL_BASE_ENV = "CDFT_ZOO_URL_BASE"
 WEIGHTS_DIR_ENV = "CDFT_WEIGHTS_DIR"
-CACHE_DIR_ENV = "CDFT_CACHE_DIR"
+CACHE_DIR_ENV = cachedir.ENV
 
 # Seconds without progress before a download gives up.
 DOWNLOAD_TIMEOUT_S = 60
@@ -230,19 +231,8 @@ def get_entry(entry):
     raise WeightError(f"{entry}: no such zoo entry (known: {known})") from None
 
 
-def resolve_cache_dir(cache_dir=None):
-  """The download cache: ``cache_dir``, $CDFT_CACHE_DIR or ~/.cache/cdft.
-
-  ``$XDG_CACHE_HOME/cdft`` replaces ``~/.cache/cdft`` when XDG_CACHE_HOME is
-  set. The folder is not created here.
-  """
-  if cache_dir is None:
-    cache_dir = os.environ.get(CACHE_DIR_ENV)
-  if not cache_dir:
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    root = pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache"
-    return root / "cdft"
-  return pathlib.Path(cache_dir).expanduser()
+# The cache folder (cdft.cachedir, shared with the program and kernel caches).
+resolve_cache_dir = cachedir.resolve
 
 
 def converted_cache_dir(cache_dir=None):
