@@ -26,6 +26,14 @@ CIFAR configs' in-memory uint8 path, offline), the CD steps the photographs of
   python launch/bench_train.py --steps cd_decoder_k3 --devices 1 --repeats 3
   python launch/bench_train.py --steps ft_train_student --devices 1 --repeats 10
   python launch/bench_train.py --steps ft_train_teacher --devices 1 --cpu-conv onednn,xla
+  python launch/bench_train.py --steps ft_train_teacher --devices 1 --compare c07587c --rounds 3
+
+``--compare REV`` times REV's ``cdft`` (exported with ``git archive``, imported
+through PYTHONPATH) with this script's protocol, alternating with the working tree
+inside each configuration, ``--rounds`` times. This VM's speed drifts by up to 30%
+between identical runs, and two programs compiled into one process time
+differently from either alone, so separate processes close in time are the only
+comparison that held up (issue 14, stop 30).
 """
 import argparse
 import itertools
@@ -179,6 +187,71 @@ def _baseline():
   return out
 
 
+def _export(rev, tmp):
+  """The tree of git revision ``rev`` of this repository, exported under ``tmp``."""
+  out = tmp / "rev"
+  out.mkdir()
+  archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", rev],
+                           capture_output=True, check=False)
+  if archive.returncode:
+    sys.exit(f"--compare {rev}: git archive failed: {archive.stderr.decode()[-500:]}")
+  subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+  return out
+
+
+def _run_all(args, parser, base, trees, cpu_memory):
+  """Every (round, step, device count, kernels, tree) in its own child process; the trees
+  alternate inside each configuration, so a drift of the machine's speed hits both."""
+  results = []
+  print(f"{'step':22} {'conv':>6} {'dev':>3} {'median s':>9} {'img/s':>7} {'RSS GB':>7} "
+        f"{'official img/s':>14} {'ratio':>6}" + ("  tree" if len(trees) > 1 else ""))
+  for name in args.steps.split(","):
+    if name not in STEPS:
+      parser.error(f"unknown step {name!r}; choose from {', '.join(STEPS)}")
+  for rnd, name, n, cpu_conv, (label, tree) in itertools.product(
+      range(args.rounds), args.steps.split(","), [int(d) for d in args.devices.split(",")],
+      args.cpu_conv.split(","), trees):
+    env = dict(os.environ,
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={n} {args.xla_flags}".strip(),
+               JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    if tree != REPO:  # this script's protocol, that revision's cdft
+      env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
+    env = cpu_memory.huge_pages_env(env) or env  # as launch/train.py starts
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", "--step", name, "--warmup", str(args.warmup),
+         "--repeats", str(args.repeats), "--input", args.input, "--cpu-conv", cpu_conv],
+        env=env, capture_output=True, text=True, cwd=tree, check=False)
+    if proc.returncode:
+      print(proc.stderr[-3000:], file=sys.stderr)
+      sys.exit(f"{name} on {n} devices ({label}) failed")
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    ref = base.get(STEPS[name][5], {})
+    row["official_images_per_s"] = ref.get("images_per_s")
+    row["official_peak_rss_kb"] = ref.get("peak_rss_kb")
+    row["tree"], row["round"] = label, rnd
+    results.append(row)
+    ratio = (f"{row['images_per_s'] / ref['images_per_s']:.2f}x" if ref else "-")
+    print(f"{name:22} {row['convolutions']:>6} {n:>3} {row['median_step_s']:>9.3f} "
+          f"{row['images_per_s']:>7.2f} "
+          f"{row['peak_rss_kb'] / 1e6:>7.2f} {ref.get('images_per_s', float('nan')):>14.2f} "
+          f"{ratio:>6}" + (f"  {label}" if len(trees) > 1 else ""), flush=True)
+  return results
+
+
+def _print_comparison(results, rev):
+  """Median images/s over the rounds of each configuration, the working tree beside rev."""
+  print(f"\nmedian over rounds: working tree vs {rev}")
+  keys = dict.fromkeys((r["step"], r["devices"], r["convolutions"]) for r in results)
+  for key in keys:
+    med = {}
+    for label in ("working", rev):
+      rows = [r["images_per_s"] for r in results
+              if (r["step"], r["devices"], r["convolutions"]) == key and r["tree"] == label]
+      med[label] = statistics.median(rows)
+    print(f"{key[0]:22} {key[2]:>6} {key[1]:>3}  {med['working']:8.2f} vs {med[rev]:8.2f} img/s "
+          f"({med['working'] / med[rev]:.2f}x)")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated step names")
@@ -194,6 +267,12 @@ def main():
   parser.add_argument("--cpu-conv", default="auto",
                       help="comma-separated config.cpu_conv values to compare: auto (oneDNN "
                            "where cdft[onednn] builds, as launch/train.py), onednn, xla")
+  parser.add_argument("--compare", default=None, metavar="REV",
+                      help="also time git revision REV of this repository (its cdft, this "
+                           "script's protocol), alternating with the working tree in each "
+                           "configuration, and print both medians")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="times to run every configuration (with --compare: alternating)")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--step", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -202,41 +281,20 @@ def main():
     return
   from cdft.training import cpu_memory  # pylint: disable=import-outside-toplevel
   base = _baseline()
-  results = []
-  print(f"{'step':22} {'conv':>6} {'dev':>3} {'median s':>9} {'img/s':>7} {'RSS GB':>7} "
-        f"{'official img/s':>14} {'ratio':>6}")
-  for name in args.steps.split(","):
-    if name not in STEPS:
-      parser.error(f"unknown step {name!r}; choose from {', '.join(STEPS)}")
-    for n, cpu_conv in itertools.product([int(d) for d in args.devices.split(",")],
-                                         args.cpu_conv.split(",")):
-      env = dict(os.environ,
-                 XLA_FLAGS=f"--xla_force_host_platform_device_count={n} {args.xla_flags}".strip(),
-                 JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-      env = cpu_memory.huge_pages_env(env) or env  # as launch/train.py starts
-      proc = subprocess.run(
-          [sys.executable, __file__, "--child", "--step", name, "--warmup", str(args.warmup),
-           "--repeats", str(args.repeats), "--input", args.input, "--cpu-conv", cpu_conv],
-          env=env, capture_output=True, text=True, cwd=REPO, check=False)
-      if proc.returncode:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        sys.exit(f"{name} on {n} devices failed")
-      row = json.loads(proc.stdout.strip().splitlines()[-1])
-      ref = base.get(STEPS[name][5], {})
-      row["official_images_per_s"] = ref.get("images_per_s")
-      row["official_peak_rss_kb"] = ref.get("peak_rss_kb")
-      results.append(row)
-      ratio = (f"{row['images_per_s'] / ref['images_per_s']:.2f}x" if ref else "-")
-      print(f"{name:22} {row['convolutions']:>6} {n:>3} {row['median_step_s']:>9.3f} "
-            f"{row['images_per_s']:>7.2f} "
-            f"{row['peak_rss_kb'] / 1e6:>7.2f} {ref.get('images_per_s', float('nan')):>14.2f} "
-            f"{ratio:>6}", flush=True)
+  trees = [("working", REPO)]
+  with tempfile.TemporaryDirectory(prefix="cdft_bench_compare_") as tmp:
+    if args.compare:
+      trees.append((args.compare, _export(args.compare, pathlib.Path(tmp))))
+    results = _run_all(args, parser, base, trees, cpu_memory)
+  if args.compare:
+    _print_comparison(results, args.compare)
   if args.out:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "description": "cdft train-step throughput (launch/bench_train.py)",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "python": platform.python_version(), "avx512f": _avx512()},
+        "compare": args.compare, "rounds": args.rounds,
         "protocol": f"one process per (step, devices); {args.input} inputs and random "
                     f"frozen weights; {args.warmup} warm-up + {args.repeats} timed steps; "
                     "median",
