@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from cdft import cachedir
 from cdft import tasks
 from cdft.errors import CdftError
 from cdft.kernels import conv as kernel_conv
@@ -54,8 +55,7 @@ def enable_compile_cache(cache_dir=None):
     return None
   if jax.config.jax_compilation_cache_dir:
     return jax.config.jax_compilation_cache_dir
-  from cdft.weights import zoo  # pylint: disable=import-outside-toplevel
-  folder = str(zoo.resolve_cache_dir(cache_dir) / "xla-train")
+  folder = str(cachedir.resolve(cache_dir) / "xla-train")
   jax.config.update("jax_compilation_cache_dir", folder)
   # The eager initialisers' programs compile in ~0.1-0.2 s each, under JAX's 1 s default.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

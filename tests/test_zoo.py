@@ -12,6 +12,7 @@ import threading
 
 import pytest
 
+from cdft import cachedir
 from cdft.errors import WeightError
 from cdft.kernels import build as kernel_build
 from cdft.weights import zoo
@@ -330,17 +331,17 @@ def test_download_connection_refused(clean_env, monkeypatch, tmp_path):
 def test_cache_dir_resolution(clean_env, monkeypatch, tmp_path):
   del clean_env
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
-  assert zoo.resolve_cache_dir() == tmp_path / "home" / ".cache" / "cdft"
+  assert cachedir.resolve() == tmp_path / "home" / ".cache" / "cdft"
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-  assert zoo.resolve_cache_dir() == tmp_path / "xdg" / "cdft"
+  assert cachedir.resolve() == tmp_path / "xdg" / "cdft"
   monkeypatch.setenv("CDFT_CACHE_DIR", str(tmp_path / "env"))
-  assert zoo.resolve_cache_dir() == tmp_path / "env"
-  assert zoo.resolve_cache_dir(tmp_path / "arg") == tmp_path / "arg"
+  assert cachedir.resolve() == tmp_path / "env"
+  assert cachedir.resolve(tmp_path / "arg") == tmp_path / "arg"
   assert zoo.converted_cache_dir(tmp_path / "arg") == (
       tmp_path / "arg" / "converted")
   assert zoo.converted_cache_dir() == tmp_path / "env" / "converted"
   assert not os.path.exists(tmp_path / "env")  # Not created.
   monkeypatch.setenv("CDFT_CACHE_DIR", "~/cdft-cache")  # as a shell would leave it quoted
-  assert zoo.resolve_cache_dir() == tmp_path / "home" / "cdft-cache"
+  assert cachedir.resolve() == tmp_path / "home" / "cdft-cache"
   # The built kernels live in the same cache (one resolver, cdft.cachedir).
   assert kernel_build.cache_dir() == tmp_path / "home" / "cdft-cache" / "kernels"

@@ -38,6 +38,7 @@ import jax
 from jax.experimental import serialize_executable
 import numpy as np
 
+from cdft import cachedir
 from cdft.io import files
 
 # Bump to invalidate every stored program (a change of the key scheme).
@@ -69,8 +70,7 @@ def enable_compile_cache(cache_dir=None):
   """
   if os.environ.get("CDFT_NO_COMPILE_CACHE"):
     return None
-  from cdft.weights import zoo  # pylint: disable=import-outside-toplevel
-  root = zoo.resolve_cache_dir(cache_dir)
+  root = cachedir.resolve(cache_dir)
   # ("xla-v2": the caches of cdft before the executable store filled "xla",
   # whose hits could not be kept as executables; see _build.)
   jax.config.update("jax_compilation_cache_dir", str(root / "xla-v2"))

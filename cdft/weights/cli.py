@@ -16,6 +16,7 @@ import pathlib
 import sys
 import time
 
+from cdft import cachedir
 from cdft import configlib
 from cdft.errors import CdftError, WeightError
 from cdft.weights import zoo
@@ -53,7 +54,7 @@ def _add_location_args(parser):
            "nothing is downloaded when it is set")
   parser.add_argument(
       "--cache-dir", default=None,
-      help=f"download cache (default ${zoo.CACHE_DIR_ENV}, else ~/.cache/cdft)")
+      help=f"download cache (default ${cachedir.ENV}, else ~/.cache/cdft)")
 
 
 def build_parser():
@@ -108,7 +109,7 @@ def _local_path(zoo_file, weights_dir, cache_dir):
   root = weights_dir or os.environ.get(zoo.WEIGHTS_DIR_ENV)
   if root:
     return pathlib.Path(root).expanduser() / zoo_file.path, "local"
-  return zoo.resolve_cache_dir(cache_dir) / zoo_file.path, "cache"
+  return cachedir.resolve(cache_dir) / zoo_file.path, "cache"
 
 
 def _status(entry, zoo_file, args):

@@ -42,7 +42,6 @@ from cdft.io import files
 URL_BASE = "https://raw.githubusercontent.com"
 URL_BASE_ENV = "CDFT_ZOO_URL_BASE"
 WEIGHTS_DIR_ENV = "CDFT_WEIGHTS_DIR"
-CACHE_DIR_ENV = cachedir.ENV
 
 # Seconds without progress before a download gives up.
 DOWNLOAD_TIMEOUT_S = 60
@@ -231,16 +230,12 @@ def get_entry(entry):
     raise WeightError(f"{entry}: no such zoo entry (known: {known})") from None
 
 
-# The cache folder (cdft.cachedir, shared with the program and kernel caches).
-resolve_cache_dir = cachedir.resolve
-
-
 def converted_cache_dir(cache_dir=None):
   """Folder for converted (Flax) weights: ``<cache dir>/converted``.
 
   Not created here; whoever writes there creates it.
   """
-  return resolve_cache_dir(cache_dir) / "converted"
+  return cachedir.resolve(cache_dir) / "converted"
 
 
 # sha256 of files already hashed: (path, size, mtime_ns, ctime_ns, inode,
@@ -434,7 +429,7 @@ def fetch(entry, filename, weights_dir=None, cache_dir=None, verify=True,
       _verify(path, name, zoo_file)
     return path
 
-  path = resolve_cache_dir(cache_dir) / zoo_file.path
+  path = cachedir.resolve(cache_dir) / zoo_file.path
   if path.is_file():
     if verify:
       _verify(path, name, zoo_file,
