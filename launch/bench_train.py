@@ -135,13 +135,14 @@ def child(args):
   else:
     feed = itertools.repeat(sharding.global_batch(host_batch, mesh))
   setup = time.perf_counter() - t0
-  times, losses = [], []
+  times, losses, cpu = [], [], []
   with kernel_conv.cpu_convolutions(args.cpu_conv, mesh) as onednn:  # as launch/train.py
     for _ in range(args.warmup + args.repeats):
-      t = time.perf_counter()
+      t, c = time.perf_counter(), os.times()
       state, metrics = step(state, frozen, next(feed))
       losses.append(float(metrics["loss"]))  # syncs, as the baseline's .item()
       times.append(time.perf_counter() - t)
+      cpu.append(sum(os.times()[:2]) - sum(c[:2]))  # this process's user + system seconds
   timed = times[args.warmup:]
   med = statistics.median(timed)
   print(json.dumps({
@@ -151,6 +152,7 @@ def child(args):
       "setup_s": round(setup, 3), "warmup_step_s": [round(x, 4) for x in times[:args.warmup]],
       "timed_step_s": [round(x, 4) for x in timed], "median_step_s": round(med, 4),
       "images_per_s": round(batch / med, 3),
+      "cores_busy": round(sum(cpu[args.warmup:]) / sum(timed), 3),  # CPU seconds per second
       "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
       "loss_first_last": [losses[0], losses[-1]],
       "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
@@ -169,6 +171,19 @@ def _avx512():
     return "avx512f" in pathlib.Path("/proc/cpuinfo").read_text()
   except OSError:
     return False
+
+
+def _cpu_model():
+  """Vendor name, family and model of the first CPU: machines of one "kind" differ (an AMD
+  family 25 model 17 is Zen 4, whose AVX-512 has half the float32 FMA width of an Intel one)."""
+  fields = {}
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
+      key, _, value = line.partition(":")
+      fields[key.strip()] = value.strip()
+  except OSError:
+    return None
+  return {k: fields.get(k) for k in ("model name", "cpu family", "model")}
 
 
 def _baseline():
@@ -202,7 +217,7 @@ def _export(rev, tmp):
 def _run_all(args, parser, base, trees, cpu_memory):
   """Every (round, step, device count, kernels, tree) in its own child process; the trees
   alternate inside each configuration, so a drift of the machine's speed hits both."""
-  results = []
+  results, refs = [], []
   print(f"{'step':22} {'conv':>6} {'dev':>3} {'median s':>9} {'img/s':>7} {'RSS GB':>7} "
         f"{'official img/s':>14} {'ratio':>6}" + ("  tree" if len(trees) > 1 else ""))
   for name in args.steps.split(","):
@@ -235,7 +250,42 @@ def _run_all(args, parser, base, trees, cpu_memory):
           f"{row['images_per_s']:>7.2f} "
           f"{row['peak_rss_kb'] / 1e6:>7.2f} {ref.get('images_per_s', float('nan')):>14.2f} "
           f"{ratio:>6}" + (f"  {label}" if len(trees) > 1 else ""), flush=True)
-  return results
+    last = (n, cpu_conv, label) == (int(args.devices.split(",")[-1]),
+                                    args.cpu_conv.split(",")[-1], trees[-1][0])
+    if args.reference and last:  # the official step rebuilt in PyTorch, right after cdft's
+      refs.append(_run_reference(args, name, rnd))
+  return results, refs
+
+
+def _run_reference(args, name, rnd):
+  """One child of launch/reference_torch.py under ``args.reference`` (a Python with torch)."""
+  proc = subprocess.run(
+      [args.reference, str(REPO / "launch" / "reference_torch.py"), "--step", name,
+       "--warmup", str(args.warmup), "--repeats", str(args.repeats)],
+      capture_output=True, text=True, cwd=REPO, check=False)
+  if proc.returncode:
+    print(proc.stderr[-3000:], file=sys.stderr)
+    sys.exit(f"the PyTorch reference of {name} failed (--reference {args.reference})")
+  row = json.loads(proc.stdout.strip().splitlines()[-1])
+  row["round"] = rnd
+  print(f"{name:22} {'torch':>6} {'-':>3} {row['median_step_s']:>9.3f} "
+        f"{row['images_per_s']:>7.2f} {row['peak_rss_kb'] / 1e6:>7.2f}   "
+        f"(reference, {row['reference']})", flush=True)
+  return row
+
+
+def _print_reference(results, refs):
+  """Median images/s over the rounds, cdft beside the PyTorch reference of the same machine."""
+  print("\nmedian over rounds: cdft vs the official step rebuilt in PyTorch, same machine")
+  for key in dict.fromkeys((r["step"], r["devices"], r["convolutions"], r["tree"])
+                           for r in results):
+    mine = statistics.median(r["images_per_s"] for r in results
+                             if (r["step"], r["devices"], r["convolutions"], r["tree"]) == key)
+    theirs = [r["images_per_s"] for r in refs if r["step"] == key[0]]
+    if theirs:
+      print(f"{key[0]:22} {key[2]:>6} {key[1]:>3}  {mine:8.2f} vs {statistics.median(theirs):8.2f}"
+            f" img/s ({mine / statistics.median(theirs):.2f}x)"
+            + (f"  {key[3]}" if key[3] != "working" else ""))
 
 
 def _print_comparison(results, rev):
@@ -273,6 +323,10 @@ def main():
                            "configuration, and print both medians")
   parser.add_argument("--rounds", type=int, default=1,
                       help="times to run every configuration (with --compare: alternating)")
+  parser.add_argument("--reference", default=None, metavar="PYTHON",
+                      help="also time each step's official training-loop body rebuilt in "
+                           "PyTorch (launch/reference_torch.py) with this interpreter, right "
+                           "after cdft's in every round: a baseline of this very machine")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--step", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -285,15 +339,18 @@ def main():
   with tempfile.TemporaryDirectory(prefix="cdft_bench_compare_") as tmp:
     if args.compare:
       trees.append((args.compare, _export(args.compare, pathlib.Path(tmp))))
-    results = _run_all(args, parser, base, trees, cpu_memory)
+    results, refs = _run_all(args, parser, base, trees, cpu_memory)
   if args.compare:
     _print_comparison(results, args.compare)
+  if refs:
+    _print_reference(results, refs)
   if args.out:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "description": "cdft train-step throughput (launch/bench_train.py)",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "avx512f": _avx512()},
+                    "python": platform.python_version(), "avx512f": _avx512(),
+                    "cpu": _cpu_model()},
         "compare": args.compare, "rounds": args.rounds,
         "protocol": f"one process per (step, devices); {args.input} inputs and random "
                     f"frozen weights; {args.warmup} warm-up + {args.repeats} timed steps; "
@@ -301,7 +358,7 @@ def main():
         "xla_flags": args.xla_flags,
         "glibc_tunables": (cpu_memory.huge_pages_env(dict(os.environ)) or os.environ).get(
             "GLIBC_TUNABLES", ""),
-        "results": results}, indent=1) + "\n")
+        "results": results, "reference": refs}, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 
