@@ -27,6 +27,8 @@ CIFAR configs' in-memory uint8 path, offline), the CD steps the photographs of
   python launch/bench_train.py --steps ft_train_student --devices 1 --repeats 10
   python launch/bench_train.py --steps ft_train_teacher --devices 1 --cpu-conv onednn,xla
   python launch/bench_train.py --steps ft_train_teacher --devices 1 --compare c07587c --rounds 3
+  python launch/bench_train.py --steps ft_train_teacher,ft_train_student --devices 1 \
+      --input pipeline --rounds 3 --reference /tmp/torch/bin/python
 
 ``--compare REV`` times REV's ``cdft`` (exported with ``git archive``, imported
 through PYTHONPATH) with this script's protocol, alternating with the working tree
@@ -34,6 +36,12 @@ inside each configuration, ``--rounds`` times. This VM's speed drifts by up to 3
 between identical runs, and two programs compiled into one process time
 differently from either alone, so separate processes close in time are the only
 comparison that held up (issue 14, stop 30).
+
+``--reference PYTHON`` runs ``launch/reference_torch.py`` under PYTHON (one with torch) after
+cdft's children of each (round, step): the official training-loop body rebuilt in PyTorch on
+these very cores, and prints cdft's median beside it. The official rows of
+../shared/baselines come from one machine of each kind, and machines of a kind differ (a
+Zen 4 "AVX-512" VM ran the rebuilt steps 1.6-1.9x slower than §7's AVX-512 row).
 """
 import argparse
 import itertools
