@@ -222,59 +222,60 @@ def _export(rev, tmp):
   return out
 
 
+def _json_child(cmd, failure, **kwargs):
+  """Runs ``cmd`` and returns the JSON object of its last stdout line; exits with ``failure``
+  and the end of its stderr if it fails."""
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False, **kwargs)
+  if proc.returncode:
+    print(proc.stderr[-3000:], file=sys.stderr)
+    sys.exit(failure)
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _run_all(args, parser, base, trees, cpu_memory):
   """Every (round, step, device count, kernels, tree) in its own child process; the trees
-  alternate inside each configuration, so a drift of the machine's speed hits both."""
+  alternate inside each configuration, so a drift of the machine's speed hits both. With
+  ``--reference``, each (round, step) ends with the PyTorch reference of that step."""
   results, refs = [], []
   print(f"{'step':22} {'conv':>6} {'dev':>3} {'median s':>9} {'img/s':>7} {'RSS GB':>7} "
         f"{'official img/s':>14} {'ratio':>6}" + ("  tree" if len(trees) > 1 else ""))
   for name in args.steps.split(","):
     if name not in STEPS:
       parser.error(f"unknown step {name!r}; choose from {', '.join(STEPS)}")
-  for rnd, name, n, cpu_conv, (label, tree) in itertools.product(
-      range(args.rounds), args.steps.split(","), [int(d) for d in args.devices.split(",")],
-      args.cpu_conv.split(","), trees):
-    env = dict(os.environ,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={n} {args.xla_flags}".strip(),
-               JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    if tree != REPO:  # this script's protocol, that revision's cdft
-      env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
-    env = cpu_memory.huge_pages_env(env) or env  # as launch/train.py starts
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", "--step", name, "--warmup", str(args.warmup),
-         "--repeats", str(args.repeats), "--input", args.input, "--cpu-conv", cpu_conv],
-        env=env, capture_output=True, text=True, cwd=tree, check=False)
-    if proc.returncode:
-      print(proc.stderr[-3000:], file=sys.stderr)
-      sys.exit(f"{name} on {n} devices ({label}) failed")
-    row = json.loads(proc.stdout.strip().splitlines()[-1])
-    ref = base.get(STEPS[name][5], {})
-    row["official_images_per_s"] = ref.get("images_per_s")
-    row["official_peak_rss_kb"] = ref.get("peak_rss_kb")
-    row["tree"], row["round"] = label, rnd
-    results.append(row)
-    ratio = (f"{row['images_per_s'] / ref['images_per_s']:.2f}x" if ref else "-")
-    print(f"{name:22} {row['convolutions']:>6} {n:>3} {row['median_step_s']:>9.3f} "
-          f"{row['images_per_s']:>7.2f} "
-          f"{row['peak_rss_kb'] / 1e6:>7.2f} {ref.get('images_per_s', float('nan')):>14.2f} "
-          f"{ratio:>6}" + (f"  {label}" if len(trees) > 1 else ""), flush=True)
-    last = (n, cpu_conv, label) == (int(args.devices.split(",")[-1]),
-                                    args.cpu_conv.split(",")[-1], trees[-1][0])
-    if args.reference and last:  # the official step rebuilt in PyTorch, right after cdft's
+  for rnd, name in itertools.product(range(args.rounds), args.steps.split(",")):
+    for n, cpu_conv, (label, tree) in itertools.product(
+        [int(d) for d in args.devices.split(",")], args.cpu_conv.split(","), trees):
+      env = dict(os.environ,
+                 XLA_FLAGS=f"--xla_force_host_platform_device_count={n} {args.xla_flags}".strip(),
+                 JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+      if tree != REPO:  # this script's protocol, that revision's cdft
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
+      env = cpu_memory.huge_pages_env(env) or env  # as launch/train.py starts
+      row = _json_child(
+          [sys.executable, __file__, "--child", "--step", name, "--warmup", str(args.warmup),
+           "--repeats", str(args.repeats), "--input", args.input, "--cpu-conv", cpu_conv],
+          f"{name} on {n} devices ({label}) failed", env=env, cwd=tree)
+      ref = base.get(STEPS[name][5], {})
+      row["official_images_per_s"] = ref.get("images_per_s")
+      row["official_peak_rss_kb"] = ref.get("peak_rss_kb")
+      row["tree"], row["round"] = label, rnd
+      results.append(row)
+      ratio = (f"{row['images_per_s'] / ref['images_per_s']:.2f}x" if ref else "-")
+      print(f"{name:22} {row['convolutions']:>6} {n:>3} {row['median_step_s']:>9.3f} "
+            f"{row['images_per_s']:>7.2f} "
+            f"{row['peak_rss_kb'] / 1e6:>7.2f} {ref.get('images_per_s', float('nan')):>14.2f} "
+            f"{ratio:>6}" + (f"  {label}" if len(trees) > 1 else ""), flush=True)
+    if args.reference:  # the official step rebuilt in PyTorch, right after cdft's
       refs.append(_run_reference(args, name, rnd))
   return results, refs
 
 
 def _run_reference(args, name, rnd):
   """One child of launch/reference_torch.py under ``args.reference`` (a Python with torch)."""
-  proc = subprocess.run(
+  row = _json_child(
       [args.reference, str(REPO / "launch" / "reference_torch.py"), "--step", name,
        "--warmup", str(args.warmup), "--repeats", str(args.repeats)],
-      capture_output=True, text=True, cwd=REPO, check=False)
-  if proc.returncode:
-    print(proc.stderr[-3000:], file=sys.stderr)
-    sys.exit(f"the PyTorch reference of {name} failed (--reference {args.reference})")
-  row = json.loads(proc.stdout.strip().splitlines()[-1])
+      f"the PyTorch reference of {name} failed (--reference {args.reference})", cwd=REPO)
   row["round"] = rnd
   print(f"{name:22} {'torch':>6} {'-':>3} {row['median_step_s']:>9.3f} "
         f"{row['images_per_s']:>7.2f} {row['peak_rss_kb'] / 1e6:>7.2f}   "
